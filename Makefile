@@ -1,0 +1,100 @@
+# vfdetect — one target per pipeline stage.
+#
+#   make demo          install, then the whole chain on embedded synthetic phantoms
+#   make test          install, then the test suite (what CI runs)
+#   make reproduce DATA=path/to/manifest.csv [DATA_ROOT=...]   the paper's protocol on any manifest
+#
+# Installs into the active virtual environment when there is one, else creates ./.venv.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := .venv
+endif
+PY := $(VENV)/bin/python
+VFD := $(VENV)/bin/vfdetect
+STAMP := $(VENV)/.vfdetect-installed
+
+# Demo settings (small enough for a 2-core laptop)
+DEMO := work/demo
+DEMO_TRAIN_CASES ?= 12
+DEMO_TEST_CASES ?= 8
+DEMO_EPOCHS ?= 6
+DEMO_SUBEPOCHS ?= 4
+DEMO_SEGMENTS ?= 300
+
+# Stage defaults (override on the command line)
+DATA ?= $(DEMO)/train/manifest.csv
+TEST_DATA ?= $(DEMO)/test/manifest.csv
+LABELS ?= $(DEMO)/labels
+RUN ?= $(DEMO)/run
+PRED ?= $(DEMO)/predictions
+EVAL ?= $(DEMO)/evaluation
+TRAIN_ARGS ?= --epochs $(DEMO_EPOCHS) --subepochs $(DEMO_SUBEPOCHS) --segments-per-subepoch $(DEMO_SEGMENTS)
+
+.PHONY: install test test-all lint demo phantoms labels train train-demo predict evaluate figures cv \
+        reproduce reproduce-small benchmarks clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py setup.cfg
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[test]"
+	@touch $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+test-all: install
+	$(PY) -m pytest -m "slow or long or not slow"
+
+lint: install
+	$(VENV)/bin/ruff check vfdetect tests benchmarks experiments
+	$(VENV)/bin/mypy vfdetect
+
+phantoms: install
+	$(VFD) phantoms --out $(DEMO)/train --cases $(DEMO_TRAIN_CASES) --seed 1
+	$(VFD) phantoms --out $(DEMO)/test --cases $(DEMO_TEST_CASES) --seed 2
+
+labels: install
+	$(VFD) synth-labels $(DATA) --out $(LABELS) --preview
+
+train: install
+	$(VFD) train $(DATA) --labels $(LABELS) --out $(RUN) $(TRAIN_ARGS)
+
+train-demo: phantoms labels train
+
+predict: install
+	$(VFD) predict $(RUN) --manifest $(TEST_DATA) --out $(PRED)
+
+evaluate: install
+	$(VFD) evaluate $(TEST_DATA) $(PRED) --out $(EVAL)
+
+figures: install
+	$(VFD) figures $(EVAL)
+
+demo: phantoms labels train predict evaluate figures
+	@echo "demo finished: see $(EVAL)/metrics.md and the figures beside it"
+
+cv: install
+	$(VFD) cv $(DATA) --out work/cv --folds 5
+
+reproduce: install
+	@test -n "$(DATA)" || { echo "usage: make reproduce DATA=manifest.csv [DATA_ROOT=dir]"; exit 2; }
+	$(VFD) cv $(DATA) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) --out work/reproduce --folds 5 --config experiments/cv5.json
+	$(VFD) figures work/reproduce
+
+reproduce-small: install
+	$(VFD) phantoms --out work/reproduce-small/data --cases 30 --seed 7
+	$(VFD) cv work/reproduce-small/data/manifest.csv --out work/reproduce-small --folds 5 --config experiments/cv5_small.json
+	$(VFD) figures work/reproduce-small
+
+benchmarks: install
+	$(PY) benchmarks/bench_pipeline.py --out work/benchmarks/pipeline.json
+	$(PY) benchmarks/bench_inference.py --out work/benchmarks/inference.json
+
+clean:
+	rm -rf work
