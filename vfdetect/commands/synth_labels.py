@@ -1,0 +1,99 @@
+"""``vfdetect synth-labels``: label images (ellipsoids) from centroids and Genant grades."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+@click.command()
+@click.argument("manifest", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for <case>_labels.nii.gz (and <case>_labels.png with --preview).",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder the manifest's relative paths start from "
+    "(default: $VFDETECT_DATA_ROOT, else the manifest's folder).",
+)
+@click.option(
+    "--grades",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="grades.csv (case,label,grade); default: <manifest>_grades.csv or grades.csv beside the manifest.",
+)
+@click.option(
+    "--preview/--no-preview",
+    default=True,
+    show_default=True,
+    help="Also write a mid-sagittal PNG with the label overlay per case.",
+)
+@click.option(
+    "--along-fraction",
+    type=float,
+    default=None,
+    help="Ellipsoid semi-axis along the spine, as a fraction of the level spacing (default 0.4).",
+)
+@click.option(
+    "--left-right-fraction",
+    type=float,
+    default=None,
+    help="Semi-axis left-right, as a fraction of the level spacing (default 0.55).",
+)
+@click.option(
+    "--anterior-posterior-fraction",
+    type=float,
+    default=None,
+    help="Semi-axis antero-posterior, as a fraction of the level spacing (default 0.42).",
+)
+@click.option(
+    "--unknown-grade",
+    type=click.Choice(["normal", "skip"]),
+    default=None,
+    help="Ungraded vertebrae: label them normal (default) or leave them background.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def command(
+    manifest: Path,
+    out_dir: Path,
+    data_root: Path | None,
+    grades: Path | None,
+    preview: bool,
+    along_fraction: float | None,
+    left_right_fraction: float | None,
+    anterior_posterior_fraction: float | None,
+    unknown_grade: str | None,
+    quiet: bool,
+) -> None:
+    """Build a label image (0 background, 1 normal, 2 fracture) per case of MANIFEST.
+
+    Each annotated vertebra becomes an ellipsoid around its centroid, oriented along the local
+    spine direction and sized from the distance to its neighbours; fractured vertebrae (Genant
+    grade >= 1) are flattened along the spine. The images are written on each scan's own grid.
+    """
+    from vfdetect.labels import LabelConfig, synthesize_manifest_labels
+    from vfdetect.vertebrae import read_manifest
+
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "along_fraction": along_fraction,
+            "left_right_fraction": left_right_fraction,
+            "anterior_posterior_fraction": anterior_posterior_fraction,
+            "unknown_grade": unknown_grade,
+        }.items()
+        if value is not None
+    }
+    config = LabelConfig(**overrides)
+    cases = read_manifest(manifest, data_root=data_root, grades=grades)
+    written = synthesize_manifest_labels(cases, out_dir, config=config, preview=preview, quiet=quiet)
+    if not quiet:
+        click.echo(f"wrote {len(written)} label image(s) to {out_dir}")
