@@ -1,0 +1,26 @@
+"""``vfdetect phantoms``: write the synthetic spine CT dataset (scans, centroids, masks, grades, manifest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command(help="Generate synthetic spine CT phantoms with Genant-graded vertebral fractures.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder (created if missing).")
+@click.option("--cases", type=click.IntRange(min=1), default=20, show_default=True, help="Number of phantom scans.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same dataset).")
+@click.option("--small", is_flag=True, help="Tiny 1 mm phantoms (about 100x100x140 voxels) for tests and demos.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Parallel processes (the output does not depend on it).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def command(out_dir: Path, cases: int, seed: int, small: bool, workers: int, quiet: bool) -> None:
+    """Write <case>_ct.nii.gz, <case>_ctd.json, <case>_msk.nii.gz, manifest.csv and grades.csv to OUT."""
+    from vfdetect.phantom import PhantomConfig, write_phantom_dataset
+
+    config = PhantomConfig.small() if small else PhantomConfig()
+    manifest = write_phantom_dataset(out_dir, cases, seed, config, quiet=quiet, workers=workers)
+    if not quiet:
+        click.echo(f"wrote {cases} phantom case(s); manifest: {manifest}")
