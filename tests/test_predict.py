@@ -1,0 +1,232 @@
+"""Tiled inference, the folded model, predict_case and the ``predict`` command."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from vfdetect.errors import VfdetectError
+from vfdetect.geometry import geometry_for
+from vfdetect.predict import (
+    GIB,
+    PredictConfig,
+    Predictor,
+    choose_tile_shape,
+    predict_case,
+    predict_volume,
+    tile_output_shape,
+)
+from vfdetect.vertebrae import Vertebra
+
+GEOMETRY = geometry_for("3d")
+MARGIN = GEOMETRY.margin()[0][0]
+RF = GEOMETRY.receptive_field[0]
+
+
+def stand_in(hr: np.ndarray, lr: np.ndarray) -> np.ndarray:
+    """Network-shaped stand-in: channel 0 = the HR voxel at the output's centre; channel 1 = the LR
+    voxel its LR pathway would centre on (upsampled by repetition, cropped from the start); 2 = 0."""
+    out = [n - RF + 1 for n in hr.shape[1:4]]
+    centre = hr[:, MARGIN : MARGIN + out[0], MARGIN : MARGIN + out[1], MARGIN : MARGIN + out[2], :]
+    context = lr[:, MARGIN:, MARGIN:, MARGIN:, :]
+    for axis in (1, 2, 3):
+        context = np.repeat(context, 3, axis=axis)
+    context = context[:, : out[0], : out[1], : out[2]]
+    return np.concatenate([centre, context, np.zeros_like(centre)], axis=-1)
+
+
+@pytest.mark.parametrize("shape", [(31, 20, 47), (5, 4, 2), (1, 1, 1), (50, 3, 19)])
+def test_stitching_reproduces_the_volume_for_any_tiling(shape: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=shape).astype(np.float32)
+    reference = predict_volume(image, stand_in, GEOMETRY, tile_shape=(200, 200, 200))
+    assert reference.shape == (*shape, 3)
+    np.testing.assert_array_equal(reference[..., 0], image)
+    for tile, batch in [((25, 25, 25), 1), ((26, 31, 20), 3), ((40, 22, 29), 2)]:
+        tiled = predict_volume(image, stand_in, GEOMETRY, tile_shape=tile, batch_size=batch)
+        # HR channel: no seams; LR channel: the LR phase follows tile starts on multiples of 3.
+        np.testing.assert_array_equal(tiled, reference)
+
+
+def test_lr_context_uses_the_corner_mean_outside_the_volume() -> None:
+    image = np.full((6, 6, 6), 2.0, dtype=np.float32)
+    image[0, 0, 0] = 10.0  # corner mean = (10 + 7 * 2) / 8 = 3
+    seen = []
+
+    def record(hr: np.ndarray, lr: np.ndarray) -> np.ndarray:
+        seen.append(lr.copy())
+        return stand_in(hr, lr)
+
+    predict_volume(image, record, GEOMETRY, tile_shape=(40, 40, 40))
+    assert seen[0][0, 0, 0, 0, 0] == pytest.approx(3.0)  # the LR window starts 16 voxels before the volume
+    predict_volume(image, record, GEOMETRY, tile_shape=(40, 40, 40), fill_value=-7.0)
+    assert seen[-1][0, 0, 0, 0, 0] == pytest.approx(-7.0)
+
+
+def test_body_mask_skips_air_tiles() -> None:
+    image = np.zeros((60, 30, 30), dtype=np.float32)
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[2:10, 5:8, 5:8] = True
+    calls = []
+
+    def counting(hr: np.ndarray, lr: np.ndarray) -> np.ndarray:
+        calls.append(len(hr))
+        result = stand_in(hr, lr)
+        result[..., 2] = 0.5
+        return result
+
+    out = predict_volume(image, counting, GEOMETRY, tile_shape=(32, 32, 32), mask=mask)
+    assert sum(calls) < 12  # 4 x 2 x 2 tiles without the mask
+    assert np.all(out[40:, ..., 0] == 1.0) and np.all(out[40:, ..., 2] == 0.0)
+    assert np.all(out[2:10, 5:8, 5:8, 2] == 0.5)
+
+
+def test_tile_sizes_are_balanced_and_fit_the_budget() -> None:
+    assert tile_output_shape((300, 300, 400), GEOMETRY, (66, 66, 66)) == (60, 60, 60)
+    assert tile_output_shape((10, 4, 1), GEOMETRY, (66, 66, 66)) == (12, 6, 3)
+    big = choose_tile_shape((512, 512, 600), GEOMETRY, batch_size=1, memory_budget_bytes=4 * GIB)
+    small = choose_tile_shape((512, 512, 600), GEOMETRY, batch_size=4, memory_budget_bytes=4 * GIB)
+    assert np.prod(small) < np.prod(big)
+    with pytest.raises(VfdetectError):
+        choose_tile_shape((512, 512, 600), GEOMETRY, memory_budget_bytes=3 * GIB)
+
+
+def test_predictor_with_a_wrong_output_shape_is_refused() -> None:
+    with pytest.raises(VfdetectError, match="predictor returned"):
+        predict_volume(np.zeros((5, 5, 5), np.float32), lambda hr, lr: hr, GEOMETRY)
+
+
+# ----------------------------------------------------------------------------------------------
+# The real network (untrained: shapes and equalities only)
+
+
+@pytest.fixture(scope="module")
+def model():  # type: ignore[no-untyped-def]
+    import keras
+
+    from vfdetect.model import build_model
+
+    network = build_model("3d", seed=4)
+    rng = np.random.default_rng(0)
+    # Non-trivial BN statistics, PReLU slopes and biases so that folding is really tested.
+    for layer in network.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.gamma.shape
+            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.3, shape),
+                               rng.normal(0, 0.3, shape), rng.uniform(0.5, 2.0, shape)])
+        elif isinstance(layer, keras.layers.PReLU):
+            layer.set_weights([rng.uniform(0.0, 0.3, layer.alpha.shape)])
+        elif layer.name.endswith("input_bias") or layer.name == "class_bias":
+            layer.set_weights([rng.normal(0, 0.5, layer.bias.shape)])
+    return network
+
+
+def test_model_single_tile_equals_small_tiles(model) -> None:  # type: ignore[no-untyped-def]
+    from vfdetect.predict import keras_predictor
+
+    image = np.random.default_rng(1).normal(size=(23, 19, 28)).astype(np.float32)
+    predictor = keras_predictor(model)
+    whole = predict_volume(image, predictor, model.geometry, tile_shape=(60, 60, 60))
+    tiled = predict_volume(image, predictor, model.geometry, tile_shape=(26, 29, 25), batch_size=2)
+    assert whole.shape == (23, 19, 28, 3)
+    np.testing.assert_allclose(whole.sum(axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)
+
+
+def test_folded_model_matches_keras(model) -> None:  # type: ignore[no-untyped-def]
+    from vfdetect.predict import fold_model
+
+    rng = np.random.default_rng(2)
+    hr = rng.normal(size=(2, 29, 29, 29, 1)).astype(np.float32)
+    lr = rng.normal(size=(2, *model.geometry.lr_shape_for((29, 29, 29)), 1)).astype(np.float32)
+    reference = np.asarray(model([hr, lr], training=False))
+    folded = np.asarray(fold_model(model, "float32")(hr, lr))
+    np.testing.assert_allclose(folded, reference, atol=1e-4)
+    bf16 = np.asarray(fold_model(model, "bfloat16")(hr, lr))
+    assert np.abs(bf16 - reference).mean() < 0.01
+
+
+# ----------------------------------------------------------------------------------------------
+# predict_case and the command
+
+
+def _scan(shape: tuple[int, int, int] = (40, 36, 48)) -> nib.Nifti1Image:
+    """A small CT-like scan (LPS-ish voxel order to test the grid round trip): a body with a bright column."""
+    array = np.full(shape, -1000, dtype=np.int16)
+    array[5:-5, 5:-5, :] = 40
+    array[15:25, 12:22, :] = 700
+    affine = np.array([[-1.2, 0, 0, 30.0], [0, -1.0, 0, 20.0], [0, 0, 1.5, -40.0], [0, 0, 0, 1]])
+    return nib.Nifti1Image(array, affine)
+
+
+@pytest.fixture(scope="module")
+def run_dir(model, tmp_path_factory):  # type: ignore[no-untyped-def]
+    folder = tmp_path_factory.mktemp("run")
+    model.save(folder / "model.keras")
+    (folder / "config.json").write_text(json.dumps({"variant": "3d", "spacing": 2.0, "trainable_parameters": 1}))
+    return folder
+
+
+def test_predict_case_writes_outputs_on_the_input_grid(run_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from vfdetect.predict import load_predictor
+
+    predictor = load_predictor(run_dir)
+    assert isinstance(predictor, Predictor) and predictor.spacing == 2.0
+    image = _scan()
+    centre = image.affine @ np.array([20, 17, 24, 1.0])
+    vertebrae = [Vertebra(20, tuple(centre[:3]), grade=2), Vertebra(21, tuple(centre[:3] - [0, 0, 30]))]
+    result = predict_case(predictor, image, vertebrae, case="tiny", out_dir=tmp_path,
+                          config=PredictConfig(tile_shape=(29, 29, 29)))
+    folder = tmp_path / "tiny"
+    report = json.loads((folder / "report.json").read_text())
+    assert set(report) >= {"case", "patient_fracture_probability", "patient_fracture", "thresholds", "vertebrae",
+                           "model", "timings", "component_sizes"}
+    assert [v["name"] for v in report["vertebrae"]] == ["L1", "L2"]
+    first = report["vertebrae"][0]
+    np.testing.assert_allclose(first["centroid_voxel"], [20, 17, 24], atol=0.01)
+    assert first["source"] == "given" and first["grade"] == 2 and first["predicted"] in ("fracture", "normal")
+    assert 0.0 <= first["fracture_probability"] <= 1.0
+    sizes = report["component_sizes"]
+    assert len(sizes["probability_thresholds"]) == len(sizes["largest_component_mm3"]) == 19
+    assert report["patient_fracture_probability"] == pytest.approx(
+        max(v["fracture_probability"] for v in report["vertebrae"]))
+    assert result.patient_fracture == report["patient_fracture"]
+
+    probabilities = nib.load(folder / "probabilities.nii.gz")
+    assert probabilities.shape == (*image.shape, 2)
+    np.testing.assert_allclose(probabilities.affine, image.affine)
+    assert probabilities.get_data_dtype() == np.uint8
+    assert probabilities.dataobj.slope == pytest.approx(1 / 255)
+    data = probabilities.get_fdata()
+    assert data.min() >= 0 and data.max() <= 1.0 + 1e-6 and np.all(data[..., 1] >= data[..., 0] - 1 / 255)
+    labels = nib.load(folder / "labels.nii.gz")
+    assert labels.shape == image.shape and labels.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 1, 2}
+    assert (folder / "overlay.png").stat().st_size > 10_000
+    assert (folder / "report.csv").read_text().count("\n") == 3
+
+
+def test_predict_command_skips_a_bad_case_and_fails(run_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from vfdetect.cli import cli
+
+    good = tmp_path / "good_ct.nii.gz"
+    nib.save(_scan((30, 30, 36)), good)
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a nifti file")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["predict", str(run_dir), str(bad), str(good), "--out", str(out),
+                                      "--anchor-level", "L5", "--no-overlay", "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert "bad" in result.output
+    assert (out / "good" / "report.json").is_file() and not (out / "bad").exists()
+    assert (out / "summary.csv").read_text().startswith("case,label,name")
+    report = json.loads((out / "good" / "report.json").read_text())
+    assert all(v["source"] == "localised" for v in report["vertebrae"])
+
+    result = CliRunner().invoke(cli, ["predict", str(run_dir), "--out", str(out)])
+    assert result.exit_code == 1 and "INPUT" in result.output

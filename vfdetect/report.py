@@ -1,0 +1,277 @@
+"""Per-case and cohort reports: report.json, report.csv, summary.csv and the overlay PNG.
+
+No TensorFlow here. The JSON layout (one file per case)::
+
+    {"case": ..., "patient_fracture_probability": q, "patient_fracture": bool,
+     "thresholds": {"probability": .., "noise_mm3": .., "vertebra": .., "cube_edge_mm": .., "sigma_mm": ..},
+     "vertebrae": [{"label": L, "name": "L1", "centroid_voxel": [...], "centroid_mm": [...],
+                    "fracture_probability": p, "normal_probability": p_n, "predicted": "fracture"|"normal",
+                    "source": "given"|"localised", "grade": g or null}],
+     "component_sizes": {"probability_thresholds": [...], "largest_component_mm3": [...]},
+     "patient_score": "...", "model": {...}, "timings": {...}, "input": ..., "version": ...}
+
+``centroid_voxel`` is in the input scan's own voxel grid, ``centroid_mm`` in world RAS mm.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vfdetect.fileio import atomic_path, write_json_atomic, write_text_atomic
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "case",
+    "label",
+    "name",
+    "fracture_probability",
+    "normal_probability",
+    "predicted",
+    "source",
+    "grade",
+    "centroid_x_mm",
+    "centroid_y_mm",
+    "centroid_z_mm",
+    "centroid_i",
+    "centroid_j",
+    "centroid_k",
+    "patient_fracture_probability",
+    "patient_fracture",
+)
+"""Columns of report.csv and summary.csv: one row per vertebra."""
+
+FRACTURE_DISPLAY_MIN = 0.05
+"""Fracture probabilities below this are not drawn on the overlay (as in the paper's Fig. 6)."""
+
+BONE_WINDOW_HU = (-400.0, 1100.0)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe value: NaN -> None, numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_report_json(path: str | Path, report: dict[str, Any]) -> None:
+    """Write a case report as JSON (atomic; NaN written as null)."""
+    write_json_atomic(path, _clean(report))
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else f"{value:.6g}"
+    return str(value)
+
+
+def report_rows(report: dict[str, Any]) -> list[dict[str, str]]:
+    """One CSV row (column -> text) per vertebra of a case report."""
+    rows = []
+    for vertebra in report["vertebrae"]:
+        centroid_mm = vertebra.get("centroid_mm") or [None] * 3
+        centroid_voxel = vertebra.get("centroid_voxel") or [None] * 3
+        values = {
+            "case": report["case"],
+            "label": vertebra["label"],
+            "name": vertebra["name"],
+            "fracture_probability": vertebra.get("fracture_probability"),
+            "normal_probability": vertebra.get("normal_probability"),
+            "predicted": vertebra.get("predicted"),
+            "source": vertebra.get("source"),
+            "grade": vertebra.get("grade"),
+            "centroid_x_mm": centroid_mm[0],
+            "centroid_y_mm": centroid_mm[1],
+            "centroid_z_mm": centroid_mm[2],
+            "centroid_i": centroid_voxel[0],
+            "centroid_j": centroid_voxel[1],
+            "centroid_k": centroid_voxel[2],
+            "patient_fracture_probability": report.get("patient_fracture_probability"),
+            "patient_fracture": report.get("patient_fracture"),
+        }
+        rows.append({column: _format(values[column]) for column in CSV_COLUMNS})
+    return rows
+
+
+def _csv_text(rows: Sequence[dict[str, str]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_report_csv(path: str | Path, report: dict[str, Any]) -> None:
+    """Write a case's vertebra table (:data:`CSV_COLUMNS`), atomically."""
+    write_text_atomic(path, _csv_text(report_rows(report)))
+
+
+def write_summary_csv(path: str | Path, reports: Sequence[dict[str, Any]]) -> None:
+    """Cohort table: one row per vertebra over all case reports, atomically."""
+    rows = [row for report in reports for row in report_rows(report)]
+    write_text_atomic(path, _csv_text(rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# Overlay
+# ----------------------------------------------------------------------------------------------
+
+
+def _spine_path(
+    centres_voxel: np.ndarray, vertebra_probability: np.ndarray | None, shape: Sequence[int], axis: int
+) -> np.ndarray:
+    """Per axial slice z, the coordinate along ``axis`` (0: x, 1: y) of the spine, smoothly interpolated.
+
+    From the vertebra centroids when there are any (held constant beyond the first and last), else
+    from the centre of mass of p(vertebra) per slice, else the middle of the volume.
+    """
+    depth = int(shape[2])
+    middle = (shape[axis] - 1) / 2.0
+    if len(centres_voxel) >= 1:
+        order = np.argsort(centres_voxel[:, 2])
+        z = centres_voxel[order, 2]
+        values = centres_voxel[order, axis]
+        return np.interp(np.arange(depth), z, values)
+    if vertebra_probability is not None and float(vertebra_probability.max()) > 0.5:
+        from scipy import ndimage
+
+        weights = np.where(vertebra_probability > 0.5, vertebra_probability, 0.0)
+        other = 1 - axis
+        profile = weights.sum(axis=other)  # (shape[axis], z)
+        totals = profile.sum(axis=0)
+        coordinates = np.arange(shape[axis])[:, None]
+        path = np.where(totals > 0, (profile * coordinates).sum(axis=0) / np.maximum(totals, 1e-9), np.nan)
+        known = np.isfinite(path)
+        if known.any():
+            path = np.interp(np.arange(depth), np.nonzero(known)[0], path[known])
+            return ndimage.gaussian_filter1d(path, 5.0)
+    return np.full(depth, middle)
+
+
+def _curved_slice(volume: np.ndarray, path: np.ndarray, axis: int) -> np.ndarray:
+    """Slice through ``volume`` [x, y, z] that follows ``path`` (coordinate along ``axis`` per z).
+
+    Returns a 2D array indexed [other axis, z] (linear interpolation along ``axis``).
+    """
+    from scipy import ndimage
+
+    shape = volume.shape
+    other = 1 - axis
+    n_other, depth = shape[other], shape[2]
+    other_coords, z_coords = np.meshgrid(np.arange(n_other), np.arange(depth), indexing="ij")
+    along = np.broadcast_to(np.clip(path, 0, shape[axis] - 1)[None, :], other_coords.shape)
+    coords: list[np.ndarray] = [other_coords, other_coords, z_coords]
+    coords[axis] = along
+    coords[other] = other_coords
+    return ndimage.map_coordinates(volume, np.stack(coords), order=1, mode="nearest")
+
+
+def render_overlay(
+    path: str | Path,
+    hu: np.ndarray,
+    fracture_probability: np.ndarray,
+    spacing: Sequence[float],
+    vertebrae: Sequence[dict[str, Any]],
+    centres_voxel: np.ndarray,
+    title: str,
+    vertebra_probability: np.ndarray | None = None,
+    window_hu: tuple[float, float] = BONE_WINDOW_HU,
+) -> None:
+    """Write a PNG with a curved sagittal and a curved coronal view, p(fracture) overlaid.
+
+    Arrays are in the internal frame [x, y, z] (canonical RAS, ``spacing`` mm per axis). The sagittal view follows the spine's left-right course, the
+    coronal view its front-back course, both through the vertebra centroids (or the vertebra
+    probability when there are none). Probabilities < 0.05 are hidden; each vertebra is labelled
+    with its name and score, fractures in red. The write is atomic.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+
+    hu = np.asarray(hu, dtype=np.float32)
+    fracture_probability = np.asarray(fracture_probability, dtype=np.float32)
+    centres_voxel = np.asarray(centres_voxel, dtype=np.float64).reshape(-1, 3)
+    spacing = [float(s) for s in spacing]
+    shape = hu.shape
+
+    x_path = _spine_path(centres_voxel, vertebra_probability, shape, axis=0)
+    y_path = _spine_path(centres_voxel, vertebra_probability, shape, axis=1)
+    sagittal_ct = _curved_slice(hu, x_path, axis=0)  # [y, z]
+    sagittal_p = _curved_slice(fracture_probability, x_path, axis=0)
+    coronal_ct = _curved_slice(hu, y_path, axis=1)  # [x, z]
+    coronal_p = _curved_slice(fracture_probability, y_path, axis=1)
+
+    height_mm = shape[2] * spacing[2]
+    widths_mm = [shape[1] * spacing[1], shape[0] * spacing[0]]
+    # Size the figure to the data: images at most 14 x 9 inches, at least 3.5 inches tall.
+    image_width = min(14.0, 9.0 * sum(widths_mm) / max(height_mm, 1.0))
+    image_height = max(3.5, image_width * height_mm / max(sum(widths_mm), 1.0))
+    figure, axes = plt.subplots(1, 2, figsize=(image_width + 2.5, image_height + 1.3), facecolor="black",
+                                gridspec_kw={"width_ratios": widths_mm})
+    colour_map = plt.get_cmap("autumn_r").with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+    norm = Normalize(0.0, 1.0)
+    panels = [
+        (axes[0], sagittal_ct, sagittal_p, 1, "sagittal, curved along the spine", ("A", "P")),
+        (axes[1], coronal_ct, coronal_p, 0, "coronal, curved along the spine", ("R", "L")),
+    ]
+    image = None
+    for axis, ct, probability, horizontal, name, (screen_left, screen_right) in panels:
+        extent_h = shape[horizontal] * spacing[horizontal]
+        extent = (0.0, extent_h, 0.0, height_mm)
+        # Radiological display: anterior on the left of the sagittal view, patient's right on the left
+        # of the coronal view; the horizontal index axis is flipped for both.
+        axis.imshow(ct.T[:, ::-1], cmap="gray", vmin=window_hu[0], vmax=window_hu[1], origin="lower",
+                    extent=extent, interpolation="bilinear", aspect="equal")
+        masked = np.ma.masked_less(probability.T[:, ::-1], FRACTURE_DISPLAY_MIN)
+        image = axis.imshow(masked, cmap=colour_map, norm=norm, alpha=0.55, origin="lower", extent=extent,
+                            interpolation="nearest", aspect="equal")
+        axis.set_title(f"{name}: {screen_left} left, {screen_right} right", color="white", fontsize=11)
+        axis.set_xticks([])
+        axis.set_yticks([])
+        for vertebra, centre in zip(vertebrae, centres_voxel, strict=False):
+            score = vertebra.get("fracture_probability")
+            fractured = vertebra.get("predicted") == "fracture"
+            score_text = "n/a" if score is None or not math.isfinite(float(score)) else f"{float(score):.2f}"
+            text = f"{vertebra['name']} {score_text}" + ("  FRACTURE" if fractured else "")
+            h_mm = extent_h - (centre[horizontal] + 0.5) * spacing[horizontal]
+            z_mm = (centre[2] + 0.5) * spacing[2]
+            axis.plot([h_mm], [z_mm], marker="+", color="red" if fractured else "cyan", markersize=9, mew=2)
+            # Labels sit on the right side of each panel (posterior on the sagittal, patient's left on the coronal).
+            axis.annotate(
+                text,
+                xy=(h_mm, z_mm),
+                xytext=(extent_h * 0.98, z_mm),
+                ha="right",
+                va="center",
+                fontsize=9,
+                fontweight="bold" if fractured else "normal",
+                color="white",
+                bbox={"boxstyle": "round,pad=0.2", "fc": "#c00000" if fractured else "#004060", "ec": "none",
+                      "alpha": 0.85},
+                arrowprops={"arrowstyle": "-", "color": "red" if fractured else "cyan", "lw": 0.8, "alpha": 0.7},
+            )
+    figure.suptitle(title, color="white", fontsize=13)
+    if image is not None:
+        bar = figure.colorbar(image, ax=list(axes), fraction=0.025, pad=0.01)
+        bar.set_label("p(fracture) (hidden below 0.05)", color="white")
+        bar.ax.yaxis.set_tick_params(color="white", labelcolor="white")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=100, facecolor="black")
+    plt.close(figure)
