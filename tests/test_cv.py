@@ -1,0 +1,229 @@
+"""Tests of vfdetect.cv: split properties, splits.json reuse, resumable orchestration with stand-in stages."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from vfdetect import cv
+from vfdetect.errors import InputError, VfdetectError
+
+
+@dataclass(frozen=True)
+class FakeCase:
+    case: str
+    grades: dict[int, int]
+    image: Path = Path("/nonexistent.nii.gz")
+
+
+def cohort(n_cases: int = 30, n_negative: int = 10) -> list[FakeCase]:
+    cases = []
+    for i in range(n_cases):
+        grades = {18: 0, 19: 0, 20: 0}
+        if i >= n_negative:
+            grades[18 + i % 3] = 1 + i % 3
+        cases.append(FakeCase(f"case{i:02d}", grades))
+    return cases
+
+
+def test_folds_are_stratified_partition_with_two_negatives() -> None:
+    cases = cohort(31, 11)
+    config = cv.CvConfig(n_folds=5, seed=3)
+    folds = cv.make_folds(cases, config)
+    negatives = {c.case for c in cases if not cv.is_positive(c)}
+    tests = [name for fold in folds for name in fold.test]
+    assert sorted(tests) == sorted(c.case for c in cases)  # partition
+    negative_counts = [sum(n in negatives for n in fold.test) for fold in folds]
+    positive_counts = [len(fold.test) - k for fold, k in zip(folds, negative_counts, strict=True)]
+    assert min(negative_counts) >= 2 and max(negative_counts) - min(negative_counts) <= 1
+    assert max(positive_counts) - min(positive_counts) <= 1
+    assert max(len(f.test) for f in folds) - min(len(f.test) for f in folds) <= 1
+    for fold in folds:
+        assert not set(fold.validation) & set(fold.test)
+        assert not set(fold.validation) & set(fold.train)
+        assert len(fold.train) + len(fold.validation) + len(fold.test) == 31
+        assert len(fold.validation) == round(0.15 * (31 - len(fold.test)))
+        assert any(n in negatives for n in fold.validation)  # ~30 % negatives -> one of 4 held out
+    assert cv.make_folds(cases, config) == folds  # seeded
+    assert cv.make_folds(cases, cv.CvConfig(n_folds=5, seed=4)) != folds
+
+
+def test_too_few_negatives_is_reported_clearly() -> None:
+    with pytest.raises(VfdetectError, match=r"only 9 negative patient\(s\).*need 10"):
+        cv.make_folds(cohort(30, 9), cv.CvConfig(n_folds=5))
+    folds = cv.make_folds(cohort(30, 9), cv.CvConfig(n_folds=5, min_negatives_per_fold=1))
+    assert len(folds) == 5
+    with pytest.raises(VfdetectError, match="at least 5 cases"):
+        cv.make_folds(cohort(4, 0), cv.CvConfig(n_folds=5, min_negatives_per_fold=0))
+
+
+def test_splits_json_is_saved_and_reused(tmp_path: Path) -> None:
+    cases = cohort(20, 6)
+    config = cv.CvConfig(n_folds=3, seed=1)
+    folds = cv.ensure_splits(cases, tmp_path, config)
+    path = tmp_path / cv.SPLITS_NAME
+    document = json.loads(path.read_text())
+    assert document["settings"]["seed"] == 1 and len(document["folds"]) == 3
+    # the saved file is authoritative: edit it and the edited split comes back
+    first, second = document["folds"][0], document["folds"][1]
+    moved = first["test"].pop()
+    second["test"].append(moved)
+    path.write_text(json.dumps(document))
+    reused = cv.ensure_splits(cases, tmp_path, config)
+    assert moved in reused[1].test and moved not in reused[0].test
+    assert reused[2] == folds[2]
+    with pytest.raises(InputError, match="seed"):
+        cv.ensure_splits(cases, tmp_path, cv.CvConfig(n_folds=3, seed=2))
+    with pytest.raises(InputError, match="other cases"):
+        cv.ensure_splits(cases[:-1], tmp_path, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestration with stand-in stages
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StandIns:
+    """Stages that write plausible outputs instantly and record their calls."""
+
+    calls: list[tuple[str, ...]] = field(default_factory=list)
+    fail_predict_for: str | None = None
+    grid: tuple[int, int, int] = (6, 6, 6)
+
+    def stages(self) -> cv.Stages:
+        return cv.Stages(self.synthesize, self.train, self.predict, cv._evaluate)
+
+    def synthesize(self, cases, labels_dir: Path) -> None:  # type: ignore[no-untyped-def]
+        self.calls.append(("labels", *sorted(c.case for c in cases)))
+        labels_dir.mkdir(parents=True, exist_ok=True)
+        for case in cases:
+            data = np.zeros(self.grid, np.uint8)
+            data[2:4, 2:4, 2:4] = 2 if cv.is_positive(case) else 1
+            nib.save(nib.Nifti1Image(data, np.eye(4)), labels_dir / f"{case.case}_labels.nii.gz")
+
+    def train(self, train_cases, validation_cases, labels_dir: Path, run_dir: Path) -> None:  # type: ignore[no-untyped-def]
+        self.calls.append(("train", str(run_dir)))
+        assert not {c.case for c in train_cases} & {c.case for c in validation_cases}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "model.keras").write_text("stand-in")
+        (run_dir / "report.json").write_text(json.dumps({"status": "finished"}))
+
+    def predict(self, run_dir: Path, cases, pred_dir: Path) -> None:  # type: ignore[no-untyped-def]
+        for case in cases:
+            if case.case == self.fail_predict_for:
+                raise VfdetectError("stand-in failure")
+            self.calls.append(("predict", case.case))
+            folder = pred_dir / case.case
+            folder.mkdir(parents=True, exist_ok=True)
+            number = int(case.case[-2:])
+            vertebrae = [{"label": label, "fracture_probability": 0.2 + 0.5 * (grade > 0) + 0.01 * number % 0.2,
+                          "centroid_mm": [0, 0, label]} for label, grade in case.grades.items()]
+            large = 300.0 if cv.is_positive(case) else 40.0
+            (folder / "report.json").write_text(json.dumps({
+                "vertebrae": vertebrae, "patient_fracture_probability": max(v["fracture_probability"] for v in vertebrae),
+                "component_sizes": {"probability_thresholds": [0.5], "largest_component_mm3": [large + number]},
+            }))
+            data = np.zeros(self.grid, np.uint8)
+            data[2:4, 2:4, 2:3] = 2 if cv.is_positive(case) else 1
+            nib.save(nib.Nifti1Image(data, np.eye(4)), folder / "labels.nii.gz")
+
+
+def test_cross_validation_runs_resumes_and_pools(tmp_path: Path) -> None:
+    cases = cohort(15, 6)
+    config = cv.CvConfig(n_folds=3, seed=0, n_bootstrap=20, centroid_noise_mm=0.0)
+    stand_ins = StandIns(fail_predict_for="case14")
+    with pytest.raises(VfdetectError, match="stand-in failure"):
+        cv.run_cross_validation(cases, tmp_path, config, stand_ins.stages())
+    failed_fold = next(f.index for f in cv.read_splits(tmp_path / cv.SPLITS_NAME)[1] if "case14" in f.test)
+    assert not (tmp_path / f"fold{failed_fold}" / cv.FOLD_DONE_NAME).exists()
+    finished_before = {f for f in range(3) if (tmp_path / f"fold{f}" / cv.FOLD_DONE_NAME).is_file()}
+    assert finished_before == set(range(failed_fold))
+    predicted_before = {c[1] for c in stand_ins.calls if c[0] == "predict"}
+
+    again = StandIns()
+    result = cv.run_cross_validation(cases, tmp_path, config, again.stages())
+    assert not any(c[0] == "labels" for c in again.calls)  # labels made once
+    trained = [c[1] for c in again.calls if c[0] == "train"]
+    assert trained == [str(tmp_path / f"fold{f}" / "run") for f in range(3) if f not in finished_before]
+    predicted_now = {c[1] for c in again.calls if c[0] == "predict"}
+    assert not predicted_now & predicted_before  # finished predictions are not redone
+    assert predicted_now | predicted_before == {c.case for c in cases}
+    assert result.reused_folds == sorted(finished_before)
+    summary = json.loads((tmp_path / "cv.json").read_text())
+    assert summary["pooled"]["patient_counts"] == {"patients": 15, "positive": 9, "negative": 6}
+    assert summary["pooled"]["patient_auc"] == pytest.approx(1.0)
+    assert len(summary["folds"]) == 3 and all("metrics" in f for f in summary["folds"])
+    assert (tmp_path / "evaluation" / "metrics.md").is_file()
+
+    third = StandIns()
+    cv.run_cross_validation(cases, tmp_path, config, third.stages())
+    assert not any(c[0] in ("train", "predict", "labels") for c in third.calls)
+
+
+def test_model_selection_compares_variants(tmp_path: Path) -> None:
+    cases = cohort(12, 4)
+    stand_ins = StandIns()
+    config = cv.ModelSelectionConfig(n_bootstrap=10)
+    document = cv.run_model_selection(cases, tmp_path, config, lambda variant: stand_ins.stages())
+    assert [row["variant"] for row in document["variants"]] == ["1slice", "5slices", "3d"]
+    assert len(document["validation"]) == round(12 * 22 / 90)
+    row = document["variants"][0]
+    # stand-in labels: 8 reference vertebra voxels of 216, 4 of them predicted
+    assert row["voxels"]["vertebra_accuracy"] == pytest.approx(0.5)
+    assert row["voxels"]["accuracy"] == pytest.approx(212 / 216)
+    assert document["figure3_case"] in document["validation"]
+    assert "| 3d |" in (tmp_path / "model_selection.md").read_text()
+    trains = sum(c[0] == "train" for c in stand_ins.calls)
+    cv.run_model_selection(cases, tmp_path, config, lambda variant: stand_ins.stages())
+    assert sum(c[0] == "train" for c in stand_ins.calls) == trains  # finished variants reused
+
+
+def test_voxel_agreement_by_hand() -> None:
+    reference = np.array([0, 0, 1, 1, 2, 2])
+    predicted = np.array([0, 1, 1, 2, 2, 2])
+    agreement = cv.voxel_agreement(predicted, reference)
+    assert agreement["accuracy"] == pytest.approx(4 / 6)
+    assert agreement["vertebra_accuracy"] == pytest.approx(3 / 4)
+    assert agreement["normal_recall"] == pytest.approx(0.5)
+    assert agreement["mean_class_recall"] == pytest.approx((0.5 + 0.5 + 1) / 3)
+
+
+def test_experiment_files_parse(tmp_path: Path) -> None:
+    folder = Path(__file__).resolve().parents[1] / "experiments"
+    files = sorted(folder.glob("*.json"))
+    assert {"cv5.json", "model_selection.json"} <= {f.name for f in files}
+    for path in files:
+        document = cv.read_experiment(path)
+        if document["experiment"] == "cv":
+            cv.CvConfig(**document["cv"])
+        else:
+            assert cv.ModelSelectionConfig(**document["model_selection"]).variants == cv.VARIANTS
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"experiment": "cv", "cv": {"folds": 5}}')
+    with pytest.raises(InputError, match="unknown 'cv' setting"):
+        cv.read_experiment(bad)
+
+
+def test_cv_command_reports_too_few_negatives(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from vfdetect.cli import cli
+
+    rows, grades = [], []
+    for case in cohort(12, 3):
+        (tmp_path / f"{case.case}.nii.gz").write_bytes(b"")
+        rows.append(f"{case.case},{case.case}.nii.gz,\n")
+        grades += [f"{case.case},{label},{grade}\n" for label, grade in case.grades.items()]
+    (tmp_path / "manifest.csv").write_text("case,image,centroids\n" + "".join(rows))
+    (tmp_path / "grades.csv").write_text("case,label,grade\n" + "".join(grades))
+    result = CliRunner().invoke(cli, ["cv", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "out"),
+                                      "--folds", "2", "--quiet"])
+    assert result.exit_code == 1
+    assert "only 3 negative patient(s)" in result.output and "need 4" in result.output
+    assert not (tmp_path / "out" / cv.SPLITS_NAME).exists()
