@@ -1,0 +1,114 @@
+"""``vfdetect train MANIFEST --labels DIR --out RUN``: train the dual-pathway network.
+
+Options left out take :class:`vfdetect.train.TrainConfig`'s defaults (the paper's regime: 35 epochs
+x 20 subepochs x 1000 segments, batch 10), or with ``--resume`` the settings of the run being
+resumed. TensorFlow is imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+# option name -> TrainConfig field
+_CONFIG_OPTIONS: dict[str, str] = {
+    "variant": "variant",
+    "epochs": "epochs",
+    "subepochs": "subepochs",
+    "segments_per_subepoch": "segments_per_subepoch",
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "learning_rate": "learning_rate",
+    "lr_patience": "lr_patience",
+    "validation_fraction": "validation_fraction",
+    "validation_segments": "validation_segments",
+    "precision": "precision",
+    "strategy": "strategy",
+    "spacing": "spacing",
+}
+
+
+@click.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--labels", "labels_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of label images <case>_labels.nii.gz (from `vfdetect synth-labels`).")
+@click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder to create (or to continue with --resume).")
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Root the manifest's paths are relative to (default: $VFDETECT_DATA_ROOT or the manifest's folder).")
+@click.option("--grades", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Grades CSV (default: grades.csv beside the manifest).")
+@click.option("--variant", type=click.Choice(["3d", "5slices", "1slice"]), default=None,
+              help="Network variant of the paper's Table 1.  [default: 3d]")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs.  [default: 35]")
+@click.option("--subepochs", type=click.IntRange(min=1), default=None, help="Subepochs per epoch.  [default: 20]")
+@click.option("--segments-per-subepoch", type=click.IntRange(min=1), default=None,
+              help="Training segments drawn per subepoch.  [default: 1000]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Global training batch (split between replicas).  [default: 10]")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Base seed of every random draw.  [default: 0]")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Initial RMSProp learning rate.  [default: 0.001]")
+@click.option("--lr-patience", type=click.IntRange(min=1), default=None,
+              help="Epochs without validation gain before the learning rate is halved.  [default: 10]")
+@click.option("--validation-fraction", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
+              help="Share of the cases held out for validation (0: validate on the training cases).  [default: 0.15]")
+@click.option("--validation-segments", type=click.IntRange(min=1), default=None,
+              help="Uniformly placed validation segments per epoch.  [default: 3000]")
+@click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16"]), default=None,
+              help="Training precision (saved models are float32).  [default: float32]")
+@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multiworker"]), default=None,
+              help="tf.distribute strategy; auto: multi-worker with TF_CONFIG, mirrored on several GPUs.  [default: auto]")
+@click.option("--spacing", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Isotropic voxel size (mm) of the internal frame.  [default: 1.0]")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSON file of TrainConfig settings; options given here override it. With --resume the "
+                   "run's own settings are used instead.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bars or summary.")
+def command(
+    manifest: Path,
+    labels_dir: Path,
+    run_dir: Path,
+    data_root: Path | None,
+    grades: Path | None,
+    config_file: Path | None,
+    resume: bool,
+    quiet: bool,
+    **options: Any,
+) -> None:
+    """Train the dual-pathway network on MANIFEST's cases and their label images."""
+    from vfdetect.errors import InputError
+    from vfdetect.train import TrainConfig, read_log, run_training
+    from vfdetect.vertebrae import read_manifest
+
+    settings: dict[str, Any] = {}
+    saved_config = run_dir / "config.json"
+    if resume and saved_config.is_file():
+        try:
+            settings.update(json.loads(saved_config.read_text())["train_config"])
+        except (OSError, KeyError, ValueError) as error:
+            raise InputError(saved_config, f"unreadable run configuration: {error}") from None
+    elif config_file is not None:
+        try:
+            settings.update(json.loads(config_file.read_text()))
+        except (OSError, ValueError) as error:
+            raise InputError(config_file, f"unreadable JSON: {error}") from None
+    settings.update({_CONFIG_OPTIONS[name]: value for name, value in options.items() if value is not None})
+    config = TrainConfig.from_dict(settings)  # a bad setting raises TrainConfigError naming it
+
+    cases = read_manifest(manifest, data_root=data_root, grades=grades)
+    run_training(cases, labels_dir, run_dir, config, resume=resume, quiet=quiet)
+    if not quiet:
+        rows = read_log(run_dir / "log.csv") if (run_dir / "log.csv").is_file() else []
+        if rows:
+            best = max(rows, key=lambda row: row["val_accuracy"])
+            click.echo(
+                f"trained {len(rows)} epoch(s) into {run_dir}: best validation accuracy {best['val_accuracy']:.4f} "
+                f"(epoch {int(best['epoch'])}), last {rows[-1]['val_accuracy']:.4f}"
+            )
+        else:
+            click.echo(f"run folder {run_dir}: no epoch finished")
