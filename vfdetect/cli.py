@@ -9,6 +9,7 @@ and exit status 1.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -62,6 +63,9 @@ def cli() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    # TensorFlow's C++ start-up chatter (CUDA probes, oneDNN notices) is noise on a command line;
+    # a user who wants it sets TF_CPP_MIN_LOG_LEVEL themselves.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cli()
 
 

@@ -15,12 +15,21 @@ import click
 @click.option("--small", is_flag=True, help="Tiny 1 mm phantoms (about 100x100x140 voxels) for tests and demos.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Parallel processes (the output does not depend on it).")
+@click.option("--fracture-prevalence", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Share of fractured vertebrae (default 0.19, as in the paper's data).")
+@click.option("--negative-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+              help="Share of patients without any fracture (default 0.12, as in the paper's data).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(out_dir: Path, cases: int, seed: int, small: bool, workers: int, quiet: bool) -> None:
+def command(out_dir: Path, cases: int, seed: int, small: bool, workers: int,
+            fracture_prevalence: float | None, negative_fraction: float | None, quiet: bool) -> None:
     """Write <case>_ct.nii.gz, <case>_ctd.json, <case>_msk.nii.gz, manifest.csv and grades.csv to OUT."""
     from vfdetect.phantom import PhantomConfig, write_phantom_dataset
 
+    import dataclasses
+
     config = PhantomConfig.small() if small else PhantomConfig()
+    overrides = {"fracture_prevalence": fracture_prevalence, "negative_fraction": negative_fraction}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     manifest = write_phantom_dataset(out_dir, cases, seed, config, quiet=quiet, workers=workers)
     if not quiet:
         click.echo(f"wrote {cases} phantom case(s); manifest: {manifest}")
