@@ -200,6 +200,21 @@ def test_cli_writes_dataset(tmp_path):
     assert bad.exit_code != 0
 
 
+def test_cli_prevalence_options_reach_the_generator(tmp_path):
+    none = tmp_path / "none"
+    result = CliRunner().invoke(cli, ["phantoms", "--out", str(none), "--cases", "3", "--seed", "4", "--small",
+                                      "--quiet", "--fracture-prevalence", "0"])
+    assert result.exit_code == 0, result.output
+    grades = read_grades(none / "grades.csv")
+    assert grades and all(grade == 0 for case in grades.values() for grade in case.values())
+    every = tmp_path / "every"
+    result = CliRunner().invoke(cli, ["phantoms", "--out", str(every), "--cases", "3", "--seed", "4", "--small",
+                                      "--quiet", "--negative-fraction", "0"])
+    assert result.exit_code == 0, result.output
+    grades = read_grades(every / "grades.csv")
+    assert all(any(grade > 0 for grade in case.values()) for case in grades.values())
+
+
 # ----------------------------------------------------------------------------------------------
 # Calibration against real CT
 # ----------------------------------------------------------------------------------------------

@@ -23,13 +23,15 @@ import click
 def command(out_dir: Path, cases: int, seed: int, small: bool, workers: int,
             fracture_prevalence: float | None, negative_fraction: float | None, quiet: bool) -> None:
     """Write <case>_ct.nii.gz, <case>_ctd.json, <case>_msk.nii.gz, manifest.csv and grades.csv to OUT."""
-    from vfdetect.phantom import PhantomConfig, write_phantom_dataset
-
     import dataclasses
 
+    from vfdetect.phantom import PhantomConfig, write_phantom_dataset
+
     config = PhantomConfig.small() if small else PhantomConfig()
-    overrides = {"fracture_prevalence": fracture_prevalence, "negative_fraction": negative_fraction}
-    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    if fracture_prevalence is not None:
+        config = dataclasses.replace(config, fracture_prevalence=fracture_prevalence)
+    if negative_fraction is not None:
+        config = dataclasses.replace(config, negative_fraction=negative_fraction)
     manifest = write_phantom_dataset(out_dir, cases, seed, config, quiet=quiet, workers=workers)
     if not quiet:
         click.echo(f"wrote {cases} phantom case(s); manifest: {manifest}")
