@@ -95,7 +95,7 @@ reproduce: install
 	$(VFD) figures work/reproduce
 
 reproduce-small: install
-	$(VFD) phantoms --out work/reproduce-small/data --cases 30 --seed 7 --small --workers 2 --negative-fraction 0.35
+	$(VFD) phantoms --out work/reproduce-small/data --cases 30 --seed 7 --small --workers 2 --negative-fraction 0.4
 	$(VFD) cv work/reproduce-small/data/manifest.csv --out work/reproduce-small --folds 5 --config experiments/cv5_small.json
 	$(VFD) figures work/reproduce-small
 

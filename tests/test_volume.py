@@ -583,7 +583,8 @@ def test_non_integer_label_image(tmp_path: Path) -> None:
 def test_no_stray_warnings_for_good_input(real_data: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_scan(real_data / SCANS["pir_1.5mm"])
+        volume, grid = load_scan(real_data / SCANS["pir_1.5mm"])
+    assert volume.shape == grid.shape == (73, 47, 73)
 
 
 def test_single_dicom_file_and_nested_folder_get_pointed_to_the_series(real_data: Path, tmp_path: Path) -> None:
