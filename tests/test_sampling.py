@@ -401,3 +401,10 @@ def test_prepared_case_is_reused_not_recomputed() -> None:
     assert sampler.cases[0] is prepared
     with pytest.raises(VfdetectError, match="prepared for segments"):
         TrainingSampler([prepared], GEOMETRY_3D, SamplingConfig(hr_shape=(27, 27, 27)), 10, seed=0)
+
+
+def test_sampling_config_round_trips_and_refuses_unknown_settings() -> None:
+    config = SamplingConfig(class_weights=(0.2, 0.4, 0.4))
+    assert SamplingConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(VfdetectError, match="unknown sampling setting.*class_weight"):
+        SamplingConfig.from_dict({"class_weight": [0.2, 0.4, 0.4]})

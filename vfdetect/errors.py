@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 
 class VfdetectError(Exception):
@@ -27,3 +30,17 @@ class MissingDependencyError(VfdetectError):
     def __init__(self, package: str, purpose: str, pip_name: str | None = None) -> None:
         pip_name = pip_name or package
         super().__init__(f"{purpose} needs the package '{package}': install it with `pip install {pip_name}`")
+
+
+def refuse_unknown_fields(
+    config_class: type, values: Mapping[str, Any], what: str, error: type[VfdetectError] = VfdetectError
+) -> None:
+    """Raise ``error`` naming the keys of ``values`` that are not fields of the dataclass ``config_class``.
+
+    Every settings dataclass read back from JSON uses this, so that a misspelt setting in a config
+    file is an error rather than silently ignored.
+    """
+    known = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise error(f"unknown {what}: {', '.join(unknown)}")

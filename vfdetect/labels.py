@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from vfdetect.errors import VfdetectError
+from vfdetect.errors import VfdetectError, refuse_unknown_fields
 from vfdetect.vertebrae import SPINE_ORDER, Case, Vertebra, sort_vertebrae, spine_rank
 
 BACKGROUND, NORMAL, FRACTURE = 0, 1, 2
@@ -103,10 +103,7 @@ class LabelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LabelConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        known = {item.name for item in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise VfdetectError(f"unknown LabelConfig setting(s): {', '.join(unknown)}")
+        refuse_unknown_fields(cls, values, "LabelConfig setting(s)")
         values = dict(values)
         if "fracture_height_scale" in values:
             values["fracture_height_scale"] = tuple(values["fracture_height_scale"])

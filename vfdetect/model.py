@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import zipfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from vfdetect.errors import InputError, VfdetectError
+from vfdetect.errors import InputError, VfdetectError, refuse_unknown_fields
 from vfdetect.geometry import VARIANT_KERNELS, VARIANT_SUBSAMPLE_FACTOR, VARIANTS, NetworkGeometry
 
 SERIALISATION_PACKAGE = "vfdetect"
@@ -156,10 +156,7 @@ class DeepMedicConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DeepMedicConfig:
         """Inverse of :meth:`to_dict`; unknown keys are refused."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise VfdetectError(f"unknown model arguments: {', '.join(sorted(unknown))}")
+        refuse_unknown_fields(cls, values, "model arguments")
         return cls(**values)
 
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vfdetect.errors import InputError, VfdetectError
+from vfdetect.errors import InputError, VfdetectError, refuse_unknown_fields
 from vfdetect.geometry import NetworkGeometry, centre_bounds, corner_mean, extract_segments, pad_volume
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -120,7 +120,8 @@ class SamplingConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SamplingConfig:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; unknown keys are refused."""
+        refuse_unknown_fields(cls, values, "sampling setting(s)")
         return cls(
             hr_shape=tuple(values.get("hr_shape", cls.hr_shape)),  # type: ignore[arg-type]
             class_weights=tuple(values.get("class_weights", cls.class_weights)),  # type: ignore[arg-type]

@@ -67,7 +67,7 @@ from keras import ops
 from tqdm.auto import tqdm
 
 from vfdetect import __version__
-from vfdetect.errors import InputError, VfdetectError
+from vfdetect.errors import InputError, VfdetectError, refuse_unknown_fields
 from vfdetect.fileio import atomic_path, write_json_atomic, write_text_atomic
 from vfdetect.sampling import SamplingConfig
 from vfdetect.vertebrae import Case
@@ -236,10 +236,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         """Build a config from :meth:`to_dict`'s output; unknown keys are refused."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise TrainConfigError(f"unknown training setting(s): {', '.join(unknown)}")
+        refuse_unknown_fields(cls, values, "training setting(s)", TrainConfigError)
         values = dict(values)
         if "sampling" in values:
             values["sampling"] = SamplingConfig.from_dict(values["sampling"])
