@@ -14,10 +14,12 @@ from vfdetect.cli import cli
 from vfdetect.errors import VfdetectError
 from vfdetect.labels import (
     FRACTURE,
+    IGNORE,
     NORMAL,
     LabelConfig,
     ellipsoids,
     label_path,
+    read_label_min_grade,
     synthesize_labels,
     synthesize_manifest_labels,
 )
@@ -54,7 +56,7 @@ def _straight_spine(
     middle = (len(labels) - 1) / 2
     return [
         Vertebra(label, tuple(np.asarray(centre) - (index - middle) * spacing_mm * direction),
-                 None if grades is None else grades[index])
+                 0 if grades is None else grades[index])
         for index, label in enumerate(labels)
     ]  # fmt: skip
 
@@ -128,7 +130,7 @@ def test_fractures_are_flattened_along_the_spine_and_labelled_two():
         NORMAL,
         FRACTURE,
         FRACTURE,
-        NORMAL,
+        IGNORE,  # ungraded: not known to be normal
         NORMAL,
     ]
     assert shapes[20].semi_axes_mm[0] == pytest.approx(0.4 * 30.0 * 0.5)
@@ -141,7 +143,7 @@ def test_fractures_are_flattened_along_the_spine_and_labelled_two():
         tuple(np.rint(np.linalg.solve(affine[:3, :3], np.subtract(v.position_mm, affine[:3, 3]))).astype(int))
         for v in vertebrae
     ]
-    assert [labels[index] for index in index_of_centre] == [1, 2, 2, 1, 1]
+    assert [labels[index] for index in index_of_centre] == [1, 2, 2, 255, 1]
     height = {
         vertebra.label: np.ptp(np.argwhere(labels[40, 40, :] > 0).ravel()[
             np.abs(np.argwhere(labels[40, 40, :] > 0).ravel() - index_of_centre[n][2]) < 15
@@ -151,6 +153,50 @@ def test_fractures_are_flattened_along_the_spine_and_labelled_two():
     assert height[20] < 0.6 * height[18]
     skipped = synthesize_labels((80, 80, 180), affine, vertebrae, LabelConfig(unknown_grade="skip"))
     assert skipped[index_of_centre[3]] == 0 and skipped[index_of_centre[2]] == FRACTURE
+    as_normal = synthesize_labels((80, 80, 180), affine, vertebrae, LabelConfig(unknown_grade="normal"))
+    assert as_normal[index_of_centre[3]] == NORMAL
+
+
+def test_min_grade_labels_milder_grades_ignore_neither_normal_nor_fracture():
+    vertebrae = _straight_spine((0, 0, 1), 30.0, grades=[0, 1, 2, None, 3])
+    config = LabelConfig(min_grade=2)
+    shapes = {shape.label: shape for shape in ellipsoids(vertebrae, config)}
+    assert [shapes[label].value for label in (18, 19, 20, 21, 22)] == [NORMAL, IGNORE, FRACTURE, IGNORE, FRACTURE]
+    # the shape follows the grade whatever the label value: the grade-1 vertebra is still flattened
+    assert shapes[19].semi_axes_mm[0] == pytest.approx(0.4 * 30.0 * 0.75)
+    affine = np.eye(4)
+    affine[:3, 3] = (-40, -40, -90)
+    labels = synthesize_labels((80, 80, 180), affine, vertebrae, config)
+    centres = [tuple(np.rint(np.subtract(v.position_mm, affine[:3, 3])).astype(int)) for v in vertebrae]
+    assert [int(labels[index]) for index in centres] == [NORMAL, IGNORE, FRACTURE, IGNORE, FRACTURE]
+    grade_one = labels[:, :, centres[1][2] - 3 : centres[1][2] + 4]
+    assert IGNORE in grade_one and not np.isin(grade_one, (NORMAL, FRACTURE)).any()
+    assert set(np.unique(labels)) == {0, NORMAL, FRACTURE, IGNORE}
+    # the default (min_grade 1) labels the same grade-1 vertebra fractured
+    assert {shape.label: shape.value for shape in ellipsoids(vertebrae)}[19] == FRACTURE
+    for bad in (0, 4, True, 1.5):
+        with pytest.raises(VfdetectError, match="min_grade"):
+            LabelConfig(min_grade=bad)
+    assert LabelConfig.from_dict(config.to_dict()) == config
+    assert LabelConfig.from_dict({"along_fraction": 0.4}).min_grade == 1  # files from before the setting
+
+
+def test_label_min_grade_is_read_back_from_the_label_folder(tmp_path):
+    assert read_label_min_grade(tmp_path) is None
+    (tmp_path / "label_config.json").write_text(json.dumps(LabelConfig(min_grade=3).to_dict()))
+    assert read_label_min_grade(tmp_path) == 3
+    (tmp_path / "label_config.json").write_text(json.dumps({"along_fraction": 0.4}))
+    assert read_label_min_grade(tmp_path) == 1
+    (tmp_path / "label_config.json").write_text("{")
+    with pytest.raises(VfdetectError, match="label_config.json"):
+        read_label_min_grade(tmp_path)
+
+
+def test_synth_labels_help_documents_min_grade_and_the_ignore_value():
+    result = CliRunner().invoke(cli, ["synth-labels", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "--min-grade" in text and "255" in text and "[ignore|normal|skip]" in text
 
 
 def test_spacing_ignores_a_missing_level_and_defaults_for_lone_vertebrae():
@@ -230,9 +276,10 @@ def test_verse004_fractures_are_labelled_and_stay_inside_the_mask(real_data):
     )
     labels = synthesize_labels(mask.shape, image.affine, vertebrae)
     _check_inside_mask(labels, mask, image.affine, vertebrae)
+    expected = {None: IGNORE, False: NORMAL, True: FRACTURE}  # ungraded vertebrae are ignored
     for vertebra in vertebrae:
         index = tuple(np.rint(np.linalg.solve(image.affine[:3, :3], np.subtract(vertebra.position_mm, image.affine[:3, 3]))).astype(int))  # fmt: skip
-        assert labels[index] == (FRACTURE if vertebra.fractured else NORMAL), vertebra.name
+        assert labels[index] == expected[vertebra.fractured], vertebra.name
 
 
 # -------------------------------------------------------------------------------------- files and CLI
@@ -252,7 +299,8 @@ def test_manifest_labels_are_written_on_the_scan_grid_with_preview(real_data, tm
     assert written.shape == ct.shape and np.allclose(written.affine, ct.affine, atol=1e-5)
     assert written.get_data_dtype() == np.uint8
     values = np.asanyarray(written.dataobj)
-    assert set(np.unique(values)) == {0, NORMAL, FRACTURE}
+    assert set(np.unique(values)) == {0, NORMAL, FRACTURE, IGNORE}  # L3-L5 are ungraded here
+    assert read_label_min_grade(tmp_path / "labels") == 1
     assert (tmp_path / "labels" / "v014_labels.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "labels" / "label_config.json").read_text())["along_fraction"] == 0.4
     assert sorted(item.name for item in (tmp_path / "labels").iterdir()) == [

@@ -28,12 +28,19 @@ from vfdetect.train import (
     PlateauSchedule,
     TrainConfig,
     TrainConfigError,
+    best_epoch_index,
+    fracture_score,
     make_strategy,
+    rank_auc,
     read_checkpoint,
     read_log,
     run_training,
+    selection_key,
+    selection_rule,
     split_cases,
     validation_accuracy,
+    vertebra_metrics,
+    voxel_cross_entropy,
 )
 from vfdetect.vertebrae import Case, read_manifest, write_manifest
 
@@ -44,6 +51,7 @@ TINY_SETTINGS = {
     "segments_per_subepoch": 20,
     "batch_size": 5,
     "validation_segments": 60,
+    "balanced_validation_segments": 12,
     "validation_fraction": 0.25,
     "seed": 3,
     "model_options": TINY_MODEL,
@@ -155,6 +163,9 @@ def test_config_defaults_are_the_papers_regime_and_round_trip_through_json() -> 
         {"learning_rate": "fast"},
         {"model_options": {"seed": 3}},
         {"model_options": {"widths": object()}},
+        {"min_grade": 0},
+        {"min_grade": 4},
+        {"balanced_validation_segments": 0},
     ],
 )
 def test_config_refuses_bad_settings(changes: dict) -> None:
@@ -230,6 +241,89 @@ def test_validation_accuracy_overall_and_per_class() -> None:
     assert scores["accuracy"] == pytest.approx(4 / 6)
     assert (scores["background"], scores["normal"], scores["fracture"]) == pytest.approx((2 / 3, 0.5, 1.0))
     assert math.isnan(validation_accuracy(np.array([0, 1]), np.array([0, 1]))["fracture"])
+    # voxels labelled 255 (vertebrae of unknown class) count in no accuracy
+    ignored = validation_accuracy(np.array([0, 0, 1, 1, 2]), np.array([0, 255, 1, 255, 255]))
+    assert ignored["accuracy"] == 1.0 and math.isnan(ignored["fracture"])
+
+
+def test_split_cases_stratifies_by_min_grade() -> None:
+    # 6 cases whose worst vertebra is grade 1, 4 with a grade-3 vertebra, 10 without any deformity
+    grades = [1] * 6 + [3] * 4 + [0] * 10
+    cases = [Case(case=f"c{i:02d}", image=Path(f"/x/c{i}.nii.gz"), grades={20: g, 21: 0}) for i, g in enumerate(grades)]
+    by_name = {c.case: c.grades[20] for c in cases}
+    for seed in range(5):
+        _, mild_positive = split_cases(cases, 0.5, seed=seed, min_grade=1)  # 10 of 20 fracture cases
+        assert sum(by_name[c.case] >= 1 for c in mild_positive) == 5
+        _, severe_only = split_cases(cases, 0.5, seed=seed, min_grade=2)  # 4 of 20 fracture cases
+        assert sum(by_name[c.case] >= 2 for c in severe_only) == 2
+    assert split_cases(cases, 0.5, seed=1) == split_cases(cases, 0.5, seed=1, min_grade=1)
+
+
+def test_voxel_cross_entropy_gives_ignored_voxels_no_loss() -> None:
+    probabilities = np.array([[[[[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.5, 0.3]]]]], np.float32)  # (1, 1, 1, 3, 3)
+    labels = np.array([[[[0, 255, 1]]]])
+    loss = np.asarray(voxel_cross_entropy(labels, probabilities))
+    np.testing.assert_allclose(loss, [[[[-np.log(0.7), 0.0, -np.log(0.5)]]]], rtol=1e-5)
+    assert np.all(np.isfinite(np.asarray(voxel_cross_entropy(np.full((1, 1, 1, 3), 7), probabilities))))
+
+
+def test_rank_auc_matches_the_pairwise_definition() -> None:
+    rng = np.random.default_rng(2)
+    positives, negatives = rng.integers(0, 5, 40) / 4.0, rng.integers(0, 4, 30) / 4.0  # many ties
+    pairwise = np.mean((positives[:, None] > negatives[None]) + 0.5 * (positives[:, None] == negatives[None]))
+    assert rank_auc(positives, negatives) == pytest.approx(pairwise)
+    assert rank_auc(np.array([0.9, 0.8]), np.array([0.1])) == 1.0
+    assert math.isnan(rank_auc(np.array([0.5]), np.array([])))
+
+
+def test_vertebra_metrics_use_only_vertebra_voxels() -> None:
+    labels = np.array([0, 0, 1, 1, 1, 1, 2, 2, 255])
+    probabilities = np.array([
+        [1.0, 0.0, 0.0], [0.0, 0.0, 1.0],                                       # background: left out
+        [0.1, 0.8, 0.1], [0.1, 0.6, 0.3], [0.5, 0.3, 0.2], [0.1, 0.2, 0.7],     # normal
+        [0.1, 0.1, 0.8], [0.1, 0.5, 0.4],                                       # fractured
+        [0.0, 0.0, 1.0],                                                        # ignored: left out
+    ])
+    scores = fracture_score(probabilities)
+    assert scores[2] == pytest.approx(0.1 / 0.9) and fracture_score(np.zeros(3)) == 0.5
+    metrics = vertebra_metrics(labels, np.argmax(probabilities, axis=-1), scores)
+    assert metrics["recall_normal"] == pytest.approx(0.5)  # 2 of 4 normal voxels predicted normal
+    assert metrics["recall_fracture"] == pytest.approx(0.5)
+    assert metrics["mean_recall"] == pytest.approx(0.5)
+    # fracture scores 0.889, 0.444 against normal 0.111, 0.333, 0.4, 0.778: 4 + 3 of 8 pairs
+    assert metrics["fracture_auc"] == pytest.approx(7 / 8)
+    no_fracture = vertebra_metrics(labels[:6], np.argmax(probabilities[:6], axis=-1), scores[:6])
+    assert math.isnan(no_fracture["fracture_auc"]) and no_fracture["mean_recall"] == pytest.approx(0.5)
+
+
+def _row(epoch: int, accuracy: float, auc: float | None, mean_recall: float) -> dict:
+    return {"epoch": epoch, "val_accuracy": accuracy, "val_fracture_auc": auc, "val_mean_recall": mean_recall}
+
+
+def test_checkpoint_selection_follows_the_fracture_auc_not_the_overall_accuracy() -> None:
+    rows = [
+        _row(1, 0.97, 0.55, 0.40),
+        _row(2, 0.99, 0.60, 0.45),  # best overall accuracy (background), poor on fractures
+        _row(3, 0.95, 0.80, 0.50),  # best fracture-vs-normal AUC
+        _row(4, 0.96, 0.80, 0.70),  # same AUC, better recalls: the tie break keeps this one
+        _row(5, 0.98, None, 0.90),  # AUC missing (NaN): never chosen by the AUC rule
+    ]
+    assert max(rows, key=lambda row: row["val_accuracy"])["epoch"] == 2
+    assert best_epoch_index(rows, "fracture_auc") == 3
+    assert best_epoch_index(rows[:3], "fracture_auc") == 2
+    assert best_epoch_index([*rows, _row(6, 0.5, 0.80, 0.70)], "fracture_auc") == 3  # exact tie: earliest
+    # without fractures in the validation cases: mean recall of the classes present, ties by accuracy
+    assert best_epoch_index(rows, "mean_recall") == 4
+    assert best_epoch_index(rows, "accuracy") == 1
+    assert best_epoch_index([], "fracture_auc") is None
+    assert selection_key(rows[4], "fracture_auc") == (-math.inf, 0.90)
+
+
+def test_selection_rule_falls_back_when_the_validation_cases_hold_no_fracture() -> None:
+    assert selection_rule(np.array([[0, 1], [2, 255]])) == "fracture_auc"
+    assert selection_rule(np.array([[0, 1], [1, 255]])) == "mean_recall"
+    assert selection_rule(np.array([[0, 2]])) == "mean_recall"
+    assert selection_rule(np.array([[0, 255]])) == "accuracy"
 
 
 def test_auto_strategy_is_the_default_one_on_cpu_and_multiworker_needs_tf_config(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -270,16 +364,29 @@ def test_run_folder_holds_models_config_log_report_and_tensorboard(finished_run:
     header = (finished_run / "log.csv").read_text().splitlines()[0].split(",")
     assert header == list(LOG_COLUMNS)
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
+    for column in ("val_recall_normal", "val_recall_fracture", "val_mean_recall", "val_fracture_auc",
+                   "selection_measure", "selected"):
+        assert column in header
     for row in rows:
         assert 0.0 <= row["val_accuracy"] <= 1.0 and 0.0 <= row["train_accuracy"] <= 1.0
         assert row["loss"] > 0 and row["learning_rate"] == pytest.approx(1e-3) and row["segments_per_s"] > 0
+        for column in ("val_recall_normal", "val_recall_fracture", "val_mean_recall", "val_fracture_auc"):
+            assert 0.0 <= row[column] <= 1.0  # the validation case holds normal and fractured boxes
+        assert row["selection_measure"] == row["val_fracture_auc"]
+        assert row["val_mean_recall"] == pytest.approx((row["val_recall_normal"] + row["val_recall_fracture"]) / 2)
     report = json.loads((finished_run / "report.json").read_text())
     assert report["status"] == "finished" and report["seed"] == 3
     assert set(report["versions"]) >= {"python", "tensorflow", "keras", "numpy"}
     assert len(report["data_hash"]) == 64 and report["data_hash"] == config["data_hash"]
     assert report["timings"]["segments_trained"] == 3 * 2 * 20
-    best = max(rows, key=lambda row: row["val_accuracy"])
-    assert report["best_val_accuracy"] == pytest.approx(best["val_accuracy"], abs=1e-6)
+    selection = report["checkpoint_selection"]
+    assert config["checkpoint_selection"]["rule"] == selection["rule"] == "fracture_auc"
+    assert selection["measure"] == "val_fracture_auc" and "AUC" in selection["description"]
+    chosen = best_epoch_index(rows, "fracture_auc")
+    assert chosen is not None and report["best_epoch"] == selection["best_epoch"] == chosen + 1
+    assert [int(row["selected"]) for row in rows][0] == 1 and int(rows[chosen]["selected"]) == 1
+    assert selection["measure_value"] == pytest.approx(rows[chosen]["val_fracture_auc"], abs=1e-5)
+    assert config["min_grade"] == 1 and config["ignored_label_value"] == 255
     events = list((finished_run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and sum(p.stat().st_size for p in events) > 200
     assert not list(finished_run.rglob(".*.tmp*")) and not list(finished_run.glob(".*"))
@@ -302,6 +409,41 @@ def test_cli_reports_bad_settings_as_one_line_errors(box_data: dict[str, Path], 
     assert result.exit_code == 1
     assert "epochs must be a positive integer" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_training_refuses_labels_made_with_another_min_grade(box_data: dict[str, Path], tmp_path: Path) -> None:
+    from vfdetect.labels import LabelConfig
+
+    labels_dir = tmp_path / "labels"
+    labels_dir.mkdir()
+    for image in box_data["labels"].glob("*_labels.nii.gz"):
+        (labels_dir / image.name).write_bytes(image.read_bytes())
+    (labels_dir / "label_config.json").write_text(json.dumps(LabelConfig(min_grade=2).to_dict()))
+    cases = read_manifest(box_data["manifest"])
+    with pytest.raises(InputError, match="min_grade"):
+        run_training(cases, labels_dir, tmp_path / "run", TrainConfig.from_dict(TINY_SETTINGS), quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_help_documents_min_grade_selection_and_randomisation() -> None:
+    result = CliRunner().invoke(cli, ["train", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for option in ("--min-grade", "--balanced-validation-segments", "--randomise / --no-randomise"):
+        assert option in text
+    assert "fracture-vs-normal" in text and "255" in text
+
+
+def test_randomise_option_turns_on_the_preset_and_keeps_the_config_files_sampling() -> None:
+    from vfdetect.commands.train import _sampling_with_randomise
+    from vfdetect.sampling import SamplingConfig
+
+    on = _sampling_with_randomise({"class_weights": [2, 1, 1]}, True)
+    assert on == SamplingConfig.randomised(class_weights=(0.5, 0.25, 0.25))
+    assert on.randomise and on.class_weights == pytest.approx((0.5, 0.25, 0.25))
+    off = _sampling_with_randomise(on, False)
+    assert not off.randomise and off.class_weights == on.class_weights
+    assert _sampling_with_randomise({}, True) == SamplingConfig.randomised()
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +497,8 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(box_data: d
     resumed_log, reference_log = read_log(run_dir / "log.csv"), read_log(reference_dir / "log.csv")
     assert len(resumed_log) == len(reference_log) == 3
     for resumed_row, reference_row in zip(resumed_log, reference_log, strict=True):
-        for column in ("loss", "train_accuracy", "val_accuracy", "learning_rate"):
+        for column in ("loss", "train_accuracy", "val_accuracy", "val_fracture_auc", "val_mean_recall",
+                       "selected", "learning_rate"):
             assert resumed_row[column] == pytest.approx(reference_row[column], rel=1e-5, abs=1e-6)
     sessions = json.loads((run_dir / "report.json").read_text())["timings"]["sessions"]
     assert [session["at_subepoch"] for session in sessions] == [0, killed_after[0]]
@@ -504,7 +647,8 @@ def test_the_3d_network_learns_vertebrae_and_fractures_on_unseen_phantoms(tmp_pa
     synthesize_manifest_labels(cases, labels_dir, quiet=True)
     training, unseen = cases[:10], cases[10:]
     config = TrainConfig(epochs=8, subepochs=4, segments_per_subepoch=150, seed=4, validation_fraction=0.0,
-                         validation_segments=500, sampling=SamplingConfig(class_weights=(0.2, 0.4, 0.4)),
+                         validation_segments=500, balanced_validation_segments=100,
+                         sampling=SamplingConfig(class_weights=(0.2, 0.4, 0.4)),
                          model_options=LEARNING_MODEL)
     run_dir = run_training(training, labels_dir, tmp_path / "run", config, quiet=True)
 

@@ -2,8 +2,16 @@
 
 Following section 3.1 of the paper (an extension of Glocker et al.'s dense labels from sparse
 annotations), every annotated vertebra becomes an ellipsoid around its centroid carrying its
-class: 0 background, 1 normal vertebra, 2 fractured vertebra (Genant grade >= 1). The label image
-is deliberately not a segmentation: voxels near the vertebra's border stay background.
+class: 0 background, 1 normal vertebra (Genant grade 0), 2 fractured vertebra (Genant grade >=
+``LabelConfig.min_grade``, 1 by default). The label image is deliberately not a segmentation:
+voxels near the vertebra's border stay background.
+
+A fourth value, :data:`IGNORE` (255), marks vertebrae whose class is not known for the chosen
+reference: graded ``0 < grade < min_grade`` (e.g. a mild grade-1 deformity when only grades 2-3
+count as fractures: neither a clean normal nor a counted fracture) and, by default
+(``unknown_grade="ignore"``), ungraded vertebrae. Such a vertebra still occupies its ellipsoid (so
+its neighbours do not grow into it), but training gives its voxels no loss and never centres a
+segment on them (:func:`vfdetect.train.voxel_cross_entropy` masks every value >= 3).
 
 Geometry of one ellipsoid (all in world millimetres, so anisotropic and oblique grids are handled):
 
@@ -38,17 +46,27 @@ from typing import Any
 
 import numpy as np
 
-from vfdetect.errors import VfdetectError, refuse_unknown_fields
+from vfdetect.errors import InputError, VfdetectError, refuse_unknown_fields
 from vfdetect.vertebrae import SPINE_ORDER, Case, Vertebra, sort_vertebrae, spine_rank
 
 BACKGROUND, NORMAL, FRACTURE = 0, 1, 2
-"""Values of a label image."""
+"""Class values of a label image."""
+
+IGNORE = 255
+"""Label value of a vertebra of unknown class (ungraded, or ``0 < grade < min_grade``): no loss, no
+segment centre. Any value >= 3 is treated alike by training; 255 is the one written."""
+
+GENANT_GRADES_COUNTED = (1, 2, 3)
+"""Allowed ``min_grade`` values: the lowest Genant grade labelled as a fracture."""
 
 TYPICAL_LEVEL_SPACING_MM: dict[str, float] = {"C": 17.0, "T": 24.0, "L": 33.0, "S": 32.0, "Co": 20.0}
 """Typical adult centroid-to-centroid distance per spine region (used only for a lone vertebra)."""
 
+LABEL_CONFIG_FILE = "label_config.json"
+"""Name of the settings file written beside the label images."""
+
 _OPTIONAL_LABELS = frozenset({25, 28})  # L6 and T13: only counted as a level when annotated
-_UNKNOWN_GRADE_POLICIES = ("normal", "skip")
+_UNKNOWN_GRADE_POLICIES = ("ignore", "normal", "skip")
 
 
 @dataclass(frozen=True)
@@ -58,18 +76,25 @@ class LabelConfig:
     ``along_fraction``: semi-axis along the spine (0.4 x 33 mm ~ 13 mm in the lumbar spine, inside
     a ~26-28 mm high body). ``left_right_fraction`` / ``anterior_posterior_fraction``: semi-axes across
     the spine. ``fracture_height_scale``: factor on the along-spine semi-axis for Genant grades
-    1, 2, 3. ``unknown_grade``: ``"normal"`` labels an ungraded vertebra as normal, ``"skip"``
-    leaves it background. ``min_spacing_mm`` / ``max_spacing_mm`` clamp the level spacing against
-    annotation errors.
+    1, 2, 3 (applied by grade, whatever label value the vertebra gets). ``min_spacing_mm`` /
+    ``max_spacing_mm`` clamp the level spacing against annotation errors.
+
+    ``min_grade``: the lowest Genant grade labelled fractured (:data:`FRACTURE`); grade 0 is
+    labelled normal and ``0 < grade < min_grade`` is labelled :data:`IGNORE` (it is neither). Use the
+    same value for training (``TrainConfig.min_grade``, which also stratifies the validation split)
+    and for evaluation. ``unknown_grade``: an ungraded vertebra is labelled :data:`IGNORE` with
+    ``"ignore"`` (the default: it is not known to be normal), :data:`NORMAL` with ``"normal"``, or
+    left background with ``"skip"``.
     """
 
     along_fraction: float = 0.4
     left_right_fraction: float = 0.55
     anterior_posterior_fraction: float = 0.42
     fracture_height_scale: tuple[float, float, float] = (0.75, 0.65, 0.5)
-    unknown_grade: str = "normal"
+    unknown_grade: str = "ignore"
     min_spacing_mm: float = 8.0
     max_spacing_mm: float = 60.0
+    min_grade: int = 1
 
     def __post_init__(self) -> None:
         for name in ("along_fraction", "left_right_fraction", "anterior_posterior_fraction"):
@@ -92,6 +117,17 @@ class LabelConfig:
                 "LabelConfig needs 0 < min_spacing_mm < max_spacing_mm, "
                 f"got {self.min_spacing_mm!r}, {self.max_spacing_mm!r}"
             )
+        if isinstance(self.min_grade, bool) or self.min_grade not in GENANT_GRADES_COUNTED:
+            raise VfdetectError(f"LabelConfig.min_grade must be 1, 2 or 3, got {self.min_grade!r}")
+        object.__setattr__(self, "min_grade", int(self.min_grade))
+
+    def label_value(self, grade: int | None) -> int | None:
+        """The label value of a vertebra of Genant grade ``grade`` (None: ungraded); None: not drawn."""
+        if grade is None:
+            return {"ignore": IGNORE, "normal": NORMAL, "skip": None}[self.unknown_grade]
+        if grade >= self.min_grade:
+            return FRACTURE
+        return NORMAL if grade == 0 else IGNORE
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary of the settings."""
@@ -115,7 +151,7 @@ class Ellipsoid:
     """One labelled ellipsoid in world mm: centre, orthonormal axes (rows) and their semi-axes."""
 
     label: int
-    value: int  # NORMAL or FRACTURE
+    value: int  # NORMAL, FRACTURE or IGNORE
     centre_mm: np.ndarray  # (3,)
     axes: np.ndarray  # (3, 3): rows = along-spine, left-right, anterior-posterior unit vectors
     semi_axes_mm: np.ndarray  # (3,)
@@ -168,7 +204,8 @@ def ellipsoids(vertebrae: Sequence[Vertebra], config: LabelConfig = LabelConfig(
 
     result: list[Ellipsoid] = []
     for index, vertebra in enumerate(ordered):
-        if vertebra.grade is None and config.unknown_grade == "skip":
+        value = config.label_value(vertebra.grade)
+        if value is None:
             continue
         spacing = spacings[index]
         if spacing is None:
@@ -182,13 +219,12 @@ def ellipsoids(vertebrae: Sequence[Vertebra], config: LabelConfig = LabelConfig(
         left_right = left_right / np.linalg.norm(left_right)
         anterior_posterior = np.cross(along, left_right)
         semi_along = config.along_fraction * spacing
-        fractured = vertebra.grade is not None and vertebra.grade >= 1
-        if fractured:
-            semi_along *= config.fracture_height_scale[int(vertebra.grade) - 1]  # type: ignore[arg-type]
+        if vertebra.grade is not None and vertebra.grade >= 1:  # the shape follows the grade itself
+            semi_along *= config.fracture_height_scale[int(vertebra.grade) - 1]
         result.append(
             Ellipsoid(
                 label=vertebra.label,
-                value=FRACTURE if fractured else NORMAL,
+                value=value,
                 centre_mm=positions[index].copy(),
                 axes=np.stack([along, left_right, anterior_posterior]),
                 semi_axes_mm=np.array(
@@ -228,7 +264,10 @@ def synthesize_labels(
     vertebrae: Sequence[Vertebra],
     config: LabelConfig = LabelConfig(),
 ) -> np.ndarray:
-    """uint8 label image (0 background, 1 normal, 2 fracture) on the grid ``shape`` / ``affine``.
+    """uint8 label image (0 background, 1 normal, 2 fracture, 255 ignore) on the grid ``shape`` / ``affine``.
+
+    Which vertebra gets which value is set by ``config.min_grade`` and ``config.unknown_grade``
+    (see :class:`LabelConfig`).
 
     The grid is the scan's own (any orientation, spacing or obliquity); geometry is evaluated in
     world mm at each voxel centre.
@@ -336,11 +375,13 @@ def write_preview(
     affine: np.ndarray,
     vertebrae: Sequence[Vertebra],
     title: str = "",
+    min_grade: int = 1,
 ) -> None:
     """PNG of a mid-sagittal slice through the spine with the label overlay (atomic write).
 
-    Anterior is to the left, superior at the top; green = normal, red = fractured; each annotated
-    vertebra's name is written beside its centroid.
+    Anterior is to the left, superior at the top; green = normal, red = fractured (grade >=
+    ``min_grade``), yellow = ignored (:data:`IGNORE`); each annotated vertebra's name and grade are
+    written beside its centroid.
     """
     import matplotlib
 
@@ -359,13 +400,14 @@ def write_preview(
     axis.imshow(
         image, cmap="gray", vmin=-250, vmax=1250, origin="lower", extent=extent, interpolation="nearest"
     )
-    overlay = np.ma.masked_equal(label_plane, BACKGROUND)
-    colours = ListedColormap(["#00000000", "#2ca02c", "#d62728"])
+    shown = np.where(label_plane == IGNORE, 3, np.minimum(label_plane, 3))  # colour index 3: ignored
+    overlay = np.ma.masked_equal(shown, BACKGROUND)
+    colours = ListedColormap(["#00000000", "#2ca02c", "#d62728", "#e6c619"])
     axis.imshow(
         overlay,
         cmap=colours,
         vmin=0,
-        vmax=2,
+        vmax=3,
         alpha=0.45,
         origin="lower",
         extent=extent,
@@ -373,7 +415,10 @@ def write_preview(
     )
     for vertebra in vertebrae:
         _, y_mm, z_mm = vertebra.position_mm
-        colour = "#d62728" if vertebra.fractured else "#2ca02c"
+        if vertebra.grade is None or 0 < vertebra.grade < min_grade:
+            colour = "#e6c619"
+        else:
+            colour = "#d62728" if vertebra.grade >= min_grade else "#2ca02c"
         grade = "?" if vertebra.grade is None else str(vertebra.grade)
         axis.plot([y_mm], [z_mm], marker="+", color=colour, markersize=8)
         # names on the anterior side of the body (large y is on the left of the inverted axis)
@@ -399,8 +444,9 @@ def synthesize_manifest_labels(
 ) -> list[Path]:
     """Write ``out_dir/<case>_labels.nii.gz`` (uint8, on the scan's own grid and header) per case.
 
-    With ``preview``, also ``out_dir/<case>_labels.png``. The settings are saved as
-    ``out_dir/label_config.json``. Returns the label image paths in the order of ``cases``.
+    With ``preview``, also ``out_dir/<case>_labels.png``. The settings (``min_grade`` among them)
+    are saved as ``out_dir/label_config.json``; training reads ``min_grade`` back from it. Returns
+    the label image paths in the order of ``cases``.
     """
     from tqdm import tqdm
 
@@ -409,7 +455,7 @@ def synthesize_manifest_labels(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "label_config.json", config.to_dict())
+    write_json_atomic(out_dir / LABEL_CONFIG_FILE, config.to_dict())
     written: list[Path] = []
     for case in tqdm(cases, desc="label images", unit="case", disable=quiet):
         volume, grid = load_scan(case.image)
@@ -425,7 +471,29 @@ def synthesize_manifest_labels(
                 grid.affine,
                 vertebrae,
                 title=f"{case.case}: {len(vertebrae)} vertebrae, "
-                f"{sum(1 for vertebra in vertebrae if vertebra.fractured)} fractured",
+                f"{sum(1 for v in vertebrae if v.grade is not None and v.grade >= config.min_grade)} fractured "
+                f"(grade >= {config.min_grade})",
+                min_grade=config.min_grade,
             )
         written.append(path)
     return written
+
+
+def read_label_min_grade(labels_dir: str | Path) -> int | None:
+    """``min_grade`` of the label images in ``labels_dir`` from its ``label_config.json``.
+
+    None when the folder has no such file (label images made elsewhere); 1 when the file predates
+    the setting (fractures were then always grade >= 1).
+    """
+    import json
+
+    path = Path(labels_dir) / LABEL_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(path, f"unreadable label settings: {error}") from None
+    if not isinstance(values, dict):
+        raise InputError(path, "label settings must be a JSON object")
+    return LabelConfig.from_dict(values).min_grade

@@ -4,24 +4,42 @@ The regime follows ``deepmedic_spec.md`` section 4 and the paper's section 3.2:
 
 * **Loss**: cross-entropy averaged over every output voxel of the batch, plus the model's own
   kernel regularisers (L1 1e-6 and L2 1e-4 on conv kernels only, added by :mod:`vfdetect.model`).
+  Voxels labelled :data:`vfdetect.labels.IGNORE` (255; any value >= 3), vertebrae of unknown
+  class, add no loss and are left out of the training accuracy (:func:`voxel_cross_entropy`).
 * **Optimizer**: RMSProp with learning rate 1e-3, rho 0.9, epsilon 1e-4 *inside* the square root
   and Nesterov momentum 0.6 (:class:`NesterovRMSprop`).
 * **Schedule**: ``epochs`` x ``subepochs`` x ``segments_per_subepoch`` (35 x 20 x 1000 by default,
   batch 10: 70,000 iterations). One Keras "epoch" is one subepoch; after every ``subepochs`` of
   them the epoch ends: validation, the plateau rule for the learning rate
-  (:class:`PlateauSchedule`, DeepMedic's "auto" rule: halve when validation accuracy has not
-  improved for ``lr_patience`` epochs) and the saved models.
+  (:class:`PlateauSchedule`, DeepMedic's "auto" rule applied to the selection measure below:
+  halve when it has not improved for ``lr_patience`` epochs) and the saved models.
 * **Validation**: ``validation_fraction`` of the cases (seeded, stratified by whether a case has a
-  fracture) are held out; each epoch the voxel accuracy, overall and per class, is measured on
-  ``validation_segments`` segments of the receptive-field size centred uniformly over those cases
-  (the same segments every epoch, so epochs compare like with like).
+  vertebra of Genant grade >= ``min_grade``) are held out. Two fixed sets of segments are drawn
+  from them once per run (the same segments every epoch, so epochs compare like with like):
+
+  - ``validation_segments`` receptive-field-sized segments centred uniformly over the cases: the
+    voxel accuracy, overall and per class (almost all background, so blind to fractures);
+  - ``balanced_validation_segments`` training-sized segments drawn class-balanced with the
+    training ``class_weights`` (:func:`vfdetect.sampling.draw_subepoch`, no augmentation):
+    on their voxels whose true label is a vertebra class, the recall of the normal and of the
+    fracture class and the fracture-vs-normal AUC of ``p(fracture) / (p(normal) + p(fracture))``
+    (:func:`vertebra_metrics`).
+
+* **Checkpoint selection** (:func:`selection_rule`, :func:`selection_key`): ``model.keras`` is the
+  epoch with the highest fracture-vs-normal voxel AUC, ties broken by the mean of the two
+  vertebra recalls, the earliest epoch winning exact ties. When the balanced segments hold no
+  fractured (or no normal) vertebra voxel, the measure is the mean recall of the vertebra
+  classes present (ties: overall accuracy); with no vertebra voxel at all, the overall accuracy.
+  The rule, chosen once per run, is written to ``config.json`` and ``report.json``; the
+  learning-rate plateau rule follows the same measure.
 
 Run folder (:func:`run_training`)::
 
     config.json        everything needed to rebuild the network and to predict with it
-    model.keras        the model of the epoch with the best validation accuracy (float32, no optimizer)
+    model.keras        the model of the epoch chosen by the checkpoint selection rule (float32, no optimizer)
     model_last.keras   the model after the last finished epoch
-    log.csv            one row per epoch: loss, accuracies (per class too), learning rate, times
+    log.csv            one row per epoch: loss, accuracies (per class too), vertebra recalls, fracture
+                       AUC, selection measure, learning rate, times
     tensorboard/       TensorBoard scalars per subepoch and per epoch
     report.json        versions, seed, data hash, strategy, timings
     checkpoint/last.npz  model and optimizer state plus the loop state, written after every subepoch
@@ -49,12 +67,13 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import platform
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,6 +88,7 @@ from tqdm.auto import tqdm
 from vfdetect import __version__
 from vfdetect.errors import InputError, VfdetectError, refuse_unknown_fields
 from vfdetect.fileio import atomic_path, write_json_atomic, write_text_atomic
+from vfdetect.labels import FRACTURE, GENANT_GRADES_COUNTED, IGNORE, NORMAL
 from vfdetect.sampling import SamplingConfig
 from vfdetect.vertebrae import Case
 
@@ -78,7 +98,9 @@ STRATEGIES: tuple[str, ...] = ("auto", "default", "mirrored", "multiworker")
 CLASS_NAMES: tuple[str, ...] = ("background", "normal vertebra", "fractured vertebra")
 CLASS_KEYS: tuple[str, ...] = ("background", "normal", "fracture")
 RUN_FORMAT = "vfdetect-run/1"
-CHECKPOINT_FORMAT = "vfdetect-checkpoint/1"
+CHECKPOINT_FORMAT = "vfdetect-checkpoint/2"
+N_CLASSES = len(CLASS_NAMES)
+_LOGGER = logging.getLogger(__name__)
 INFERENCE_SEGMENT_SHAPE: tuple[int, int, int] = (45, 45, 45)
 
 LOG_COLUMNS: tuple[str, ...] = (
@@ -89,6 +111,12 @@ LOG_COLUMNS: tuple[str, ...] = (
     "val_accuracy_background",
     "val_accuracy_normal",
     "val_accuracy_fracture",
+    "val_recall_normal",
+    "val_recall_fracture",
+    "val_mean_recall",
+    "val_fracture_auc",
+    "selection_measure",
+    "selected",
     "learning_rate",
     "lr_halved",
     "epoch_time_s",
@@ -131,12 +159,19 @@ class TrainConfig:
         seed: base seed of the split, the segment draws, the validation segments and the weights.
         learning_rate, rho, epsilon, momentum, nesterov: RMSProp as DeepMedic (epsilon inside the
             square root, Nesterov momentum).
-        lr_patience: epochs without a validation-accuracy gain before the learning rate is divided
-            by ``lr_factor`` (DeepMedic's "auto" rule; its shipped configuration waits 10).
+        lr_patience: epochs without a gain of the selection measure (see the module docstring;
+            DeepMedic uses the validation accuracy) before the learning rate is divided by
+            ``lr_factor`` (DeepMedic's "auto" rule; its shipped configuration waits 10).
         lr_min_increase: a gain must exceed this to count as an improvement (DeepMedic: 0).
         validation_fraction: share of the cases held out for validation (seeded, stratified).
         validation_segments: receptive-field-sized validation segments per epoch (uniform centres).
+        balanced_validation_segments: training-sized validation segments drawn class-balanced
+            (training ``class_weights``, no augmentation) for the vertebra recalls and the
+            fracture AUC that select ``model.keras``.
         validation_batch_size: batch used to predict the validation segments.
+        min_grade: lowest Genant grade counted as a fracture; a case with such a vertebra is a
+            fracture case for the stratified split. Must match the label images'
+            ``LabelConfig.min_grade`` (checked against ``label_config.json`` in the label folder).
         precision: ``"float32"`` or ``"mixed_bfloat16"`` (saved models are always float32).
         strategy: ``"auto"``, ``"default"``, ``"mirrored"`` or ``"multiworker"``.
         spacing: isotropic voxel size (mm) of the internal frame the network works in.
@@ -160,7 +195,9 @@ class TrainConfig:
     lr_min_increase: float = 0.0
     validation_fraction: float = 0.15
     validation_segments: int = 3000
+    balanced_validation_segments: int = 500
     validation_batch_size: int = 50
+    min_grade: int = 1
     precision: str = "float32"
     strategy: str = "auto"
     spacing: float = 1.0
@@ -171,12 +208,14 @@ class TrainConfig:
         if self.variant not in VARIANTS:
             raise TrainConfigError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         for name in ("epochs", "subepochs", "segments_per_subepoch", "batch_size", "lr_patience",
-                     "validation_segments", "validation_batch_size"):
+                     "validation_segments", "balanced_validation_segments", "validation_batch_size", "min_grade"):
             object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
         if self.batch_size > self.segments_per_subepoch:
             raise TrainConfigError(
                 f"batch_size ({self.batch_size}) must not exceed segments_per_subepoch ({self.segments_per_subepoch})"
             )
+        if self.min_grade not in GENANT_GRADES_COUNTED:
+            raise TrainConfigError(f"min_grade must be 1, 2 or 3, got {self.min_grade!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer) or self.seed < 0:
             raise TrainConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         object.__setattr__(self, "seed", int(self.seed))
@@ -327,10 +366,14 @@ class NesterovRMSprop(keras.optimizers.RMSprop):
 
 @dataclass
 class PlateauSchedule:
-    """DeepMedic's "auto" learning-rate rule, driven by the validation accuracy of each epoch.
+    """DeepMedic's "auto" learning-rate rule, driven by a validation score of each epoch (higher is better).
 
-    At the end of epoch ``e`` (0-based): if the accuracy beats the best so far by more than
-    ``min_increase``, ``e`` becomes the best epoch. If ``e >= best_epoch + patience`` and
+    DeepMedic feeds it the validation accuracy; :func:`run_training` feeds it the selection measure
+    of :func:`selection_key` (the fracture-vs-normal voxel AUC by default), so the rate is lowered
+    when the measure that picks ``model.keras`` stalls.
+
+    At the end of epoch ``e`` (0-based): if the score beats the best so far by more than
+    ``min_increase``, ``e`` becomes the best epoch (a NaN score never does). If ``e >= best_epoch + patience`` and
     ``e >= last_lowered + patience``, the rate is divided by ``factor`` and ``last_lowered = e``
     (``last_lowered`` starts at 0, so the first halving comes no earlier than epoch ``patience``).
     """
@@ -339,14 +382,14 @@ class PlateauSchedule:
     patience: int = 10
     factor: float = 2.0
     min_increase: float = 0.0
-    best_accuracy: float | None = None
+    best_score: float | None = None
     best_epoch: int = -1
     last_lowered: int = 0
 
-    def update(self, epoch: int, accuracy: float) -> bool:
-        """Record epoch ``epoch``'s validation accuracy; return True when the rate was lowered."""
-        if math.isfinite(accuracy) and (self.best_accuracy is None or accuracy > self.best_accuracy + self.min_increase):
-            self.best_accuracy = float(accuracy)
+    def update(self, epoch: int, score: float) -> bool:
+        """Record epoch ``epoch``'s validation score; return True when the rate was lowered."""
+        if math.isfinite(score) and (self.best_score is None or score > self.best_score + self.min_increase):
+            self.best_score = float(score)
             self.best_epoch = int(epoch)
         if epoch >= self.best_epoch + self.patience and epoch >= self.last_lowered + self.patience:
             self.learning_rate = self.learning_rate / self.factor
@@ -365,13 +408,21 @@ class PlateauSchedule:
 
 
 def voxel_cross_entropy(labels: Any, probabilities: Any) -> Any:
-    """Mean cross-entropy over every output voxel: ``-mean(log p_label)`` (probabilities clipped).
+    """Cross-entropy per output voxel, ``-log p_label`` (probabilities clipped), 0 where ignored.
 
-    ``labels`` (batch, x, y, z) integers, ``probabilities`` (batch, x, y, z, 3) softmax output.
-    Computed in float32 whatever the model's compute dtype.
+    ``labels`` (batch, x, y, z) integers, ``probabilities`` (batch, x, y, z, 3) softmax output;
+    returns (batch, x, y, z) float32 whatever the model's compute dtype. A label >= 3 (the label
+    images' :data:`vfdetect.labels.IGNORE`, 255: a vertebra of unknown class) gets loss 0. The
+    training loss divides the sum by every output voxel of the batch, ignored ones included, so an
+    ignored voxel only removes its own term.
     """
     probabilities = ops.cast(probabilities, "float32")
-    return keras.losses.sparse_categorical_crossentropy(ops.cast(labels, "int32"), probabilities, from_logits=False)
+    labels = ops.cast(labels, "int32")
+    known = ops.less(labels, N_CLASSES)
+    per_voxel = keras.losses.sparse_categorical_crossentropy(
+        ops.where(known, labels, 0), probabilities, from_logits=False
+    )
+    return ops.where(known, per_voxel, ops.zeros_like(per_voxel))
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,14 +498,21 @@ def worker_role(strategy: tf.distribute.Strategy) -> WorkerRole:
 # --------------------------------------------------------------------------------------------
 
 
+def has_fracture(case: Case, min_grade: int = 1) -> bool:
+    """True when a vertebra of ``case`` has Genant grade >= ``min_grade`` (ungraded ones do not count)."""
+    return any(grade is not None and int(grade) >= min_grade for grade in case.grades.values())
+
+
 def split_cases(
-    cases: Sequence[Case], validation_fraction: float, seed: int
+    cases: Sequence[Case], validation_fraction: float, seed: int, min_grade: int = 1
 ) -> tuple[list[Case], list[Case]]:
     """Seeded split into training and validation cases, stratified by "has a fractured vertebra".
 
-    ``round(fraction * n)`` cases (at least one when the fraction is positive) are held out, shared
-    between cases with and without fractures in proportion; the rest train. With a fraction of 0
-    nothing is held out (validation then uses the training cases).
+    A case is a fracture case when a vertebra has Genant grade >= ``min_grade`` (:func:`has_fracture`;
+    use the ``min_grade`` the label images were made with). ``round(fraction * n)`` cases (at least
+    one when the fraction is positive) are held out, shared between cases with and without
+    fractures in proportion; the rest train. With a fraction of 0 nothing is held out (validation
+    then uses the training cases).
     """
     cases = list(cases)
     if validation_fraction <= 0:
@@ -465,8 +523,8 @@ def split_cases(
         )
     rng = np.random.default_rng([seed, 0x5EED])
     n_validation = min(len(cases) - 1, max(1, round(validation_fraction * len(cases))))
-    fractured = [c for c in cases if any(g >= 1 for g in c.grades.values())]
-    intact = [c for c in cases if not any(g >= 1 for g in c.grades.values())]
+    fractured = [c for c in cases if has_fracture(c, min_grade)]
+    intact = [c for c in cases if not has_fracture(c, min_grade)]
     n_fractured = min(len(fractured), round(n_validation * len(fractured) / len(cases)))
     n_intact = min(len(intact), n_validation - n_fractured)
     n_fractured = n_validation - n_intact
@@ -589,9 +647,11 @@ def _save_model(model: keras.Model, path: Path) -> None:
 
 
 def validation_accuracy(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Voxel accuracy overall and per true class (NaN for a class with no voxel)."""
+    """Voxel accuracy overall and per true class (NaN for a class with no voxel); labels >= 3 are ignored."""
     predicted = np.asarray(predicted).reshape(-1)
     labels = np.asarray(labels).reshape(-1)
+    known = labels < N_CLASSES
+    predicted, labels = predicted[known], labels[known]
     result = {"accuracy": float(np.mean(predicted == labels)) if labels.size else math.nan}
     for value, key in enumerate(CLASS_KEYS):
         of_class = labels == value
@@ -599,24 +659,164 @@ def validation_accuracy(predicted: np.ndarray, labels: np.ndarray) -> dict[str, 
     return result
 
 
-class _Validator:
-    """Predicts the fixed validation segments with the exported float32 model."""
+def rank_auc(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
+    """ROC AUC: the probability that a positive scores above a negative, ties counting half.
 
-    def __init__(self, model: keras.Model, segments: Mapping[str, np.ndarray], batch_size: int) -> None:
+    Computed from ranks (Mann-Whitney U), so it needs O(n log n), not O(n^2); NaN when either group
+    is empty.
+    """
+    from scipy.stats import rankdata
+
+    positives = np.asarray(positive_scores, dtype=np.float64).reshape(-1)
+    negatives = np.asarray(negative_scores, dtype=np.float64).reshape(-1)
+    if positives.size == 0 or negatives.size == 0:
+        return math.nan
+    ranks = rankdata(np.concatenate([positives, negatives]))
+    u_statistic = float(ranks[: positives.size].sum()) - positives.size * (positives.size + 1) / 2.0
+    return u_statistic / (positives.size * negatives.size)
+
+
+def fracture_score(probabilities: np.ndarray) -> np.ndarray:
+    """``p(fracture) / (p(normal) + p(fracture))`` per voxel of ``(..., 3)`` probabilities (0.5 where both are 0)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    normal, fracture = probabilities[..., NORMAL], probabilities[..., FRACTURE]
+    total = normal + fracture
+    return np.divide(fracture, total, out=np.full(total.shape, 0.5), where=total > 0)
+
+
+def vertebra_metrics(labels: np.ndarray, predicted: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """Normal-versus-fracture measures on the voxels whose true label is a vertebra class.
+
+    ``labels`` true labels, ``predicted`` argmax classes and ``scores`` :func:`fracture_score`, all
+    of the same shape; voxels of another label (background, ignored) are left out. Returns
+    ``recall_normal`` (normal voxels predicted normal), ``recall_fracture`` (fractured voxels
+    predicted fractured), ``mean_recall`` (mean over the classes present) and ``fracture_auc``
+    (fractured versus normal voxels by score); NaN where a class is absent.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    predicted = np.asarray(predicted).reshape(-1)
+    scores = np.asarray(scores).reshape(-1)
+    is_normal, is_fracture = labels == NORMAL, labels == FRACTURE
+    recalls = {
+        key: float(np.mean(predicted[mask] == value)) if mask.any() else math.nan
+        for key, mask, value in (("recall_normal", is_normal, NORMAL), ("recall_fracture", is_fracture, FRACTURE))
+    }
+    present = [value for value in recalls.values() if math.isfinite(value)]
+    return {
+        **recalls,
+        "mean_recall": float(np.mean(present)) if present else math.nan,
+        "fracture_auc": rank_auc(scores[is_fracture], scores[is_normal]),
+    }
+
+
+SELECTION_RULES: dict[str, tuple[str, str]] = {
+    "fracture_auc": ("val_fracture_auc", "val_mean_recall"),
+    "mean_recall": ("val_mean_recall", "val_accuracy"),
+    "accuracy": ("val_accuracy", "val_accuracy"),
+}
+"""Checkpoint selection rule -> (log column of the measure, log column breaking ties)."""
+
+SELECTION_DESCRIPTIONS: dict[str, str] = {
+    "fracture_auc": "model.keras is the epoch with the highest fracture-vs-normal voxel AUC "
+                    "(p(fracture) / (p(normal) + p(fracture)) on the vertebra voxels of the class-balanced "
+                    "validation segments), ties broken by the mean of the normal and fracture recalls, "
+                    "then by the earliest epoch; the learning-rate plateau rule follows the same AUC",
+    "mean_recall": "the class-balanced validation segments hold no voxel of one vertebra class (no fractured "
+                   "or no normal vertebra in the validation cases), so no fracture AUC: model.keras is the "
+                   "epoch with the highest mean recall of the vertebra classes present, ties broken by the "
+                   "overall validation accuracy, then by the earliest epoch; the learning-rate plateau rule "
+                   "follows the same mean recall",
+    "accuracy": "the class-balanced validation segments hold no vertebra voxel: model.keras is the epoch with "
+                "the highest overall validation accuracy (uniform segments), the earliest epoch winning ties; "
+                "the learning-rate plateau rule follows the same accuracy",
+}
+"""What each selection rule does, as written to ``config.json`` and ``report.json``."""
+
+
+def selection_rule(labels: np.ndarray) -> str:
+    """The checkpoint selection rule for the balanced validation segments' true ``labels``.
+
+    ``"fracture_auc"`` when they hold both normal and fractured voxels, ``"mean_recall"`` when
+    they hold only one of the two, ``"accuracy"`` when they hold neither (see :data:`SELECTION_RULES`).
+    """
+    labels = np.asarray(labels)
+    has_normal, has_fracture = bool(np.any(labels == NORMAL)), bool(np.any(labels == FRACTURE))
+    if has_normal and has_fracture:
+        return "fracture_auc"
+    return "mean_recall" if has_normal or has_fracture else "accuracy"
+
+
+def _finite_or_minus_infinity(value: Any) -> float:
+    if value is None:
+        return -math.inf
+    value = float(value)
+    return value if math.isfinite(value) else -math.inf
+
+
+def selection_key(row: Mapping[str, Any], rule: str) -> tuple[float, float]:
+    """``(measure, tie break)`` of a log row under ``rule``; higher is better, missing or NaN is lowest."""
+    measure, tie_break = SELECTION_RULES[rule]
+    return _finite_or_minus_infinity(row.get(measure)), _finite_or_minus_infinity(row.get(tie_break))
+
+
+def best_epoch_index(rows: Sequence[Mapping[str, Any]], rule: str) -> int | None:
+    """Index of the row :func:`run_training` keeps as ``model.keras``: the highest :func:`selection_key`,
+    the earliest row winning exact ties; None without rows."""
+    best: int | None = None
+    for index, row in enumerate(rows):
+        if best is None or selection_key(row, rule) > selection_key(rows[best], rule):
+            best = index
+    return best
+
+
+def balanced_sampling(sampling: SamplingConfig, n_cases: int) -> SamplingConfig:
+    """Sampling of the class-balanced validation segments: the training segment shape and class
+    weights, every validation case, no augmentation (no intensity noise, no flips)."""
+    return SamplingConfig(
+        hr_shape=sampling.hr_shape,
+        class_weights=sampling.class_weights,
+        cases_per_subepoch=max(1, int(n_cases)),
+        noise_shift_sd=0.0,
+        noise_scale_sd=0.0,
+        flip_probability=(0.0, 0.0, 0.0),
+    )
+
+
+class _Validator:
+    """Predicts the fixed validation segments with the exported float32 model.
+
+    ``uniform``: receptive-field segments for the voxel accuracies; ``balanced``: class-balanced
+    segments for :func:`vertebra_metrics`. Returns one dict with the keys of both.
+    """
+
+    def __init__(self, model: keras.Model, uniform: Mapping[str, np.ndarray], balanced: Mapping[str, np.ndarray],
+                 batch_size: int) -> None:
         self.model = model
-        self.hr = segments["hr"]
-        self.lr = segments["lr"]
-        self.labels = segments["labels"]
+        self.uniform = uniform
+        self.balanced = balanced
         self.batch_size = batch_size
         self._predict = tf.function(lambda hr, lr: model([hr, lr], training=False), jit_compile=False, reduce_retracing=True)
 
-    def __call__(self) -> dict[str, float]:
-        predicted = np.empty(self.labels.shape, dtype=np.uint8)
-        for start in range(0, len(self.labels), self.batch_size):
+    def _probabilities(self, segments: Mapping[str, np.ndarray]) -> Iterator[tuple[slice, np.ndarray]]:
+        for start in range(0, len(segments["labels"]), self.batch_size):
             rows = slice(start, start + self.batch_size)
-            probabilities = self._predict(tf.constant(self.hr[rows]), tf.constant(self.lr[rows]))
-            predicted[rows] = np.argmax(np.asarray(probabilities, dtype=np.float32), axis=-1)
-        return validation_accuracy(predicted, self.labels)
+            probabilities = self._predict(tf.constant(segments["hr"][rows]), tf.constant(segments["lr"][rows]))
+            yield rows, np.asarray(probabilities, dtype=np.float32)
+
+    def __call__(self) -> dict[str, float]:
+        predicted = np.empty(self.uniform["labels"].shape, dtype=np.uint8)
+        for rows, probabilities in self._probabilities(self.uniform):
+            predicted[rows] = np.argmax(probabilities, axis=-1)
+        scores = validation_accuracy(predicted, self.uniform["labels"])
+        labels, classes, fracture_scores = [], [], []
+        for rows, probabilities in self._probabilities(self.balanced):
+            block = self.balanced["labels"][rows]
+            vertebra = (block == NORMAL) | (block == FRACTURE)
+            labels.append(block[vertebra])
+            classes.append(np.argmax(probabilities, axis=-1)[vertebra])
+            fracture_scores.append(fracture_score(probabilities)[vertebra])
+        scores.update(vertebra_metrics(np.concatenate(labels), np.concatenate(classes), np.concatenate(fracture_scores)))
+        return scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,6 +899,7 @@ def _run_description(
     validation_cases: Sequence[Case],
     validation_on_training: bool,
     hash_of_data: str,
+    rule: str,
 ) -> dict[str, Any]:
     geometry = network_geometry(config)
     hr_shape = config.sampling.hr_shape
@@ -710,6 +911,9 @@ def _run_description(
         "trainable_parameters": int(trainable_parameters),
         "class_names": list(CLASS_NAMES),
         "label_values": {name: value for value, name in enumerate(CLASS_NAMES)},
+        "ignored_label_value": IGNORE,
+        "min_grade": config.min_grade,
+        "checkpoint_selection": _selection_summary(rule),
         "model": {"builder": "vfdetect.model.build_model", "variant": config.variant,
                   "arguments": model_arguments(config, "float32"), "file": "model.keras"},
         "geometry": {
@@ -748,15 +952,20 @@ def _run_description(
 # --------------------------------------------------------------------------------------------
 
 
-def _new_state(config: TrainConfig, hash_of_data: str) -> dict[str, Any]:
+def _selection_summary(rule: str) -> dict[str, str]:
+    measure, tie_break = SELECTION_RULES[rule]
+    return {"rule": rule, "measure": measure, "tie_break": tie_break, "description": SELECTION_DESCRIPTIONS[rule]}
+
+
+def _new_state(config: TrainConfig, hash_of_data: str, rule: str) -> dict[str, Any]:
     return {
         "next_subepoch": 0,  # global index: epoch * subepochs + subepoch
         "schedule": PlateauSchedule(config.learning_rate, config.lr_patience, config.lr_factor,
                                     config.lr_min_increase).to_dict(),
         "epoch_partial": {"losses": [], "accuracies": [], "train_time_s": 0.0, "started_elapsed_s": 0.0},
         "log": [],
-        "best_accuracy": None,
-        "best_epoch": None,
+        "selection_rule": rule,
+        "best_epoch": None,  # 0-based index into "log" of the epoch saved as model.keras
         "elapsed_s": 0.0,
         "train_time_s": 0.0,
         "validation_time_s": 0.0,
@@ -774,7 +983,8 @@ class _StepRunner:
     Each replica divides its summed voxel losses by the voxels of the *global* batch and its share
     of the regularisers by the number of replicas; the optimizer sums the gradients over replicas
     (Keras' all-reduce), so the update equals that of one device on the whole batch. Returns the
-    global loss and the number of correctly classified output voxels.
+    global loss, the number of correctly classified output voxels and the number of output voxels
+    with a known class (labels < 3; ignored voxels count in neither).
     """
 
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, strategy: tf.distribute.Strategy,
@@ -787,7 +997,7 @@ class _StepRunner:
         self.step = tf.function(self._step, jit_compile=False)
         self._average: Any = None
 
-    def _replica_step(self, inputs: Any, labels: Any) -> tuple[Any, Any]:
+    def _replica_step(self, inputs: Any, labels: Any) -> tuple[Any, Any, Any]:
         replicas = float(tf.distribute.get_replica_context().num_replicas_in_sync)
         with tf.GradientTape() as tape:
             probabilities = self.model(list(inputs), training=True)
@@ -799,8 +1009,10 @@ class _StepRunner:
         gradients = tape.gradient(loss, variables)
         self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
         predicted = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
-        correct = tf.reduce_sum(tf.cast(tf.equal(predicted, tf.cast(labels, tf.int32)), tf.float32))
-        return loss, correct
+        labels = tf.cast(labels, tf.int32)
+        known = tf.less(labels, N_CLASSES)
+        correct = tf.reduce_sum(tf.cast(tf.logical_and(tf.equal(predicted, labels), known), tf.float32))
+        return loss, correct, tf.reduce_sum(tf.cast(known, tf.float32))
 
     def average_statistics(self) -> None:
         """Replace the batch-norm moving statistics by their mean over all replicas.
@@ -823,11 +1035,10 @@ class _StepRunner:
             self._average = tf.function(average, jit_compile=False)
         self._average()
 
-    def _step(self, iterator: Any) -> tuple[Any, Any]:
+    def _step(self, iterator: Any) -> tuple[Any, Any, Any]:
         inputs, labels = next(iterator)
-        loss, correct = self.strategy.run(self._replica_step, args=(inputs, labels))
-        reduce = tf.distribute.ReduceOp.SUM
-        return self.strategy.reduce(reduce, loss, axis=None), self.strategy.reduce(reduce, correct, axis=None)
+        results = self.strategy.run(self._replica_step, args=(inputs, labels))
+        return tuple(self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in results)
 
 
 class _Run:
@@ -883,26 +1094,25 @@ class _Run:
         """Train from the state's next subepoch to the end of the schedule."""
         config, state = self.config, self.state
         iterator = iter(strategy.experimental_distribute_dataset(dataset))
-        voxels_per_subepoch = config.batches_per_subepoch * config.batch_size * runner.voxels_per_segment
         first = int(state["next_subepoch"])
         for global_subepoch in range(first, config.total_subepochs):
             epoch, subepoch = divmod(global_subepoch, config.subepochs)
             started = time.perf_counter()
-            loss_sum, correct_sum = 0.0, 0.0
+            loss_sum, correct_sum, known_sum = 0.0, 0.0, 0.0
             with tqdm(total=config.batches_per_subepoch, unit="batch", disable=self.quiet, leave=False,
                       desc=f"epoch {epoch + 1}/{config.epochs} subepoch {subepoch + 1}/{config.subepochs}") as bar:
                 for batch in range(config.batches_per_subepoch):
-                    loss, correct = runner.step(iterator)
+                    loss, correct, known = runner.step(iterator)
                     loss_sum += float(loss)
                     correct_sum += float(correct)
+                    known_sum += float(known)
                     bar.update(1)
                     if batch % 10 == 9:
                         bar.set_postfix(loss=f"{loss_sum / (batch + 1):.4f}",
-                                        acc=f"{correct_sum / ((batch + 1) * config.batch_size * runner.voxels_per_segment):.3f}",
-                                        refresh=False)
+                                        acc=f"{correct_sum / max(known_sum, 1.0):.3f}", refresh=False)
             runner.average_statistics()
             self.end_subepoch(global_subepoch, loss_sum / config.batches_per_subepoch,
-                              correct_sum / voxels_per_subepoch, time.perf_counter() - started,
+                              correct_sum / known_sum if known_sum else math.nan, time.perf_counter() - started,
                               first_of_session=global_subepoch == first)
 
     def end_epoch(self, epoch: int) -> None:
@@ -913,27 +1123,39 @@ class _Run:
         scores = self.validator()
         validation_time = time.perf_counter() - started
         state["validation_time_s"] += validation_time
-        schedule = PlateauSchedule.from_dict(state["schedule"])
-        learning_rate = schedule.learning_rate
-        lowered = schedule.update(epoch, scores["accuracy"])
-        state["schedule"] = schedule.to_dict()
-        if lowered:
-            self.optimizer.learning_rate.assign(schedule.learning_rate)
-        improved = state["best_accuracy"] is None or scores["accuracy"] > state["best_accuracy"]
-        if improved:
-            state["best_accuracy"], state["best_epoch"] = scores["accuracy"], epoch
-            _save_model(self.export_model, self.out_dir / "model.keras")
-        _save_model(self.export_model, self.out_dir / "model_last.keras")
-        elapsed = self.elapsed()
-        segments = config.subepochs * config.batches_per_subepoch * config.batch_size
-        row = {
+        rule = state["selection_rule"]
+        row: dict[str, Any] = {
             "epoch": epoch + 1,
-            "loss": float(np.mean(partial["losses"])),
-            "train_accuracy": float(np.mean(partial["accuracies"])),
+            "loss": float(np.nanmean(partial["losses"])),
+            "train_accuracy": float(np.nanmean(partial["accuracies"])),
             "val_accuracy": scores["accuracy"],
             "val_accuracy_background": scores["background"],
             "val_accuracy_normal": scores["normal"],
             "val_accuracy_fracture": scores["fracture"],
+            "val_recall_normal": scores["recall_normal"],
+            "val_recall_fracture": scores["recall_fracture"],
+            "val_mean_recall": scores["mean_recall"],
+            "val_fracture_auc": scores["fracture_auc"],
+        }
+        row["selection_measure"] = row[SELECTION_RULES[rule][0]]
+        row = {k: _json_number(v) if isinstance(v, float) else v for k, v in row.items()}
+        schedule = PlateauSchedule.from_dict(state["schedule"])
+        learning_rate = schedule.learning_rate
+        measure = row["selection_measure"]
+        lowered = schedule.update(epoch, math.nan if measure is None else measure)
+        state["schedule"] = schedule.to_dict()
+        if lowered:
+            self.optimizer.learning_rate.assign(schedule.learning_rate)
+        best = state["best_epoch"]
+        selected = best is None or selection_key(row, rule) > selection_key(state["log"][best], rule)
+        if selected:
+            state["best_epoch"] = len(state["log"])
+            _save_model(self.export_model, self.out_dir / "model.keras")
+        _save_model(self.export_model, self.out_dir / "model_last.keras")
+        elapsed = self.elapsed()
+        segments = config.subepochs * config.batches_per_subepoch * config.batch_size
+        row.update({
+            "selected": int(selected),
             "learning_rate": learning_rate,
             "lr_halved": int(lowered),
             "epoch_time_s": elapsed - partial["started_elapsed_s"],
@@ -941,11 +1163,12 @@ class _Run:
             "validation_time_s": validation_time,
             "segments_per_s": segments / max(partial["train_time_s"], 1e-9),
             "elapsed_s": elapsed,
-        }
+        })
         state["log"].append({k: _json_number(v) if isinstance(v, float) else v for k, v in row.items()})
         _write_log(self.out_dir / "log.csv", state["log"])
         keys = ("loss", "train_accuracy", "val_accuracy", "val_accuracy_background", "val_accuracy_normal",
-                "val_accuracy_fracture", "learning_rate", "segments_per_s")
+                "val_accuracy_fracture", "val_recall_normal", "val_recall_fracture", "val_mean_recall",
+                "val_fracture_auc", "selection_measure", "learning_rate", "segments_per_s")
         write_scalars(self.writer, epoch + 1, {f"epoch/{key}": row[key] for key in keys})
         self.writer.flush()
 
@@ -955,13 +1178,23 @@ class _Run:
 
     def write_report(self, status: str) -> None:
         state = self.state
+        best = state["best_epoch"]
+        rule = state["selection_rule"]
+        measure, tie_break = SELECTION_RULES[rule]
+        best_row = state["log"][best] if best is not None else {}
         self.report.update(
             status=status,
             updated=_now(),
             subepochs_done=state["next_subepoch"],
             epochs_done=len(state["log"]),
-            best_epoch=None if state["best_epoch"] is None else state["best_epoch"] + 1,
-            best_val_accuracy=state["best_accuracy"],
+            best_epoch=None if best is None else best + 1,
+            checkpoint_selection={
+                **_selection_summary(rule),
+                "best_epoch": None if best is None else best + 1,
+                "measure_value": best_row.get(measure),
+                "tie_break_value": best_row.get(tie_break),
+                "val_accuracy": best_row.get("val_accuracy"),
+            },
             final_learning_rate=PlateauSchedule.from_dict(state["schedule"]).learning_rate,
             timings={
                 "elapsed_s": state["elapsed_s"],
@@ -1015,7 +1248,8 @@ def run_training(
     ``validation_cases`` replaces the seeded hold-out split (then every case of ``cases`` trains).
     With ``resume`` the run continues from ``run_dir``'s last checkpoint (starting afresh when there
     is none); settings must match the run's ``config.json`` except ``epochs`` (which may grow) and
-    ``strategy``. Returns ``run_dir``.
+    ``strategy``. ``config.min_grade`` must equal the ``min_grade`` recorded in
+    ``labels_dir/label_config.json`` when that file exists. Returns ``run_dir``.
     """
     run_dir, labels_dir = Path(run_dir), Path(labels_dir)
     cases = list(cases)
@@ -1023,6 +1257,15 @@ def run_training(
         raise VfdetectError("no training cases given")
     if not labels_dir.is_dir():
         raise InputError(labels_dir, "label folder not found")
+    from vfdetect.labels import LABEL_CONFIG_FILE, read_label_min_grade
+
+    label_min_grade = read_label_min_grade(labels_dir)
+    if label_min_grade is not None and label_min_grade != config.min_grade:
+        raise InputError(
+            labels_dir / LABEL_CONFIG_FILE,
+            f"the label images count grade >= {label_min_grade} as fractured, the training asks for min_grade "
+            f"{config.min_grade}; train with the same min_grade or synthesise the labels again with it",
+        )
     strategy = make_strategy(config.strategy)  # before any other TensorFlow operation
     role = worker_role(strategy)
     out_dir = run_dir if role.is_chief else run_dir / "workers" / role.name
@@ -1040,13 +1283,19 @@ def run_training(
         _compatible(saved, config, config_path)
 
     if validation_cases is None:
-        training_cases, held_out = split_cases(cases, config.validation_fraction, config.seed)
+        training_cases, held_out = split_cases(cases, config.validation_fraction, config.seed, config.min_grade)
     else:
         training_cases, held_out = cases, list(validation_cases)
     validation_on_training = not held_out
     hash_of_data = data_hash([*training_cases, *held_out], labels_dir)
 
-    from vfdetect.sampling import TrainingSampler, make_dataset, subepoch_rng, uniform_validation_segments
+    from vfdetect.sampling import (
+        TrainingSampler,
+        draw_subepoch,
+        make_dataset,
+        subepoch_rng,
+        uniform_validation_segments,
+    )
 
     load_started = time.perf_counter()
     geometry = network_geometry(config)
@@ -1056,7 +1305,14 @@ def run_training(
     validation_segments = uniform_validation_segments(
         val_loaded, geometry, config.validation_segments, subepoch_rng(config.seed, 0, 0, validation=True)
     )
+    balanced_segments = draw_subepoch(
+        val_loaded, geometry, balanced_sampling(config.sampling, len(val_loaded)),
+        config.balanced_validation_segments, subepoch_rng(config.seed, 0, 1, validation=True),
+    )
     del val_loaded
+    rule = selection_rule(balanced_segments["labels"])
+    if rule != "fracture_auc" and not run.quiet:
+        _LOGGER.warning("checkpoint selection: %s", SELECTION_DESCRIPTIONS[rule])
     load_time = time.perf_counter() - load_started
 
     with strategy.scope():
@@ -1071,9 +1327,9 @@ def run_training(
 
     trainable = int(count_trainable_parameters(export_model))
     run.model, run.optimizer, run.export_model = model, optimizer, export_model
-    run.validator = _Validator(export_model, validation_segments, config.validation_batch_size)
+    run.validator = _Validator(export_model, validation_segments, balanced_segments, config.validation_batch_size)
 
-    state = _new_state(config, hash_of_data)
+    state = _new_state(config, hash_of_data, rule)
     if resume and run.checkpoint_path.is_file():
         state = _restore(run.checkpoint_path, model, optimizer, hash_of_data)
     run.state = state
@@ -1081,7 +1337,8 @@ def run_training(
     run.session_started = time.perf_counter()
     state["sessions"].append({"started": _now(), "at_subepoch": state["next_subepoch"], "load_s": load_time})
 
-    description = _run_description(config, trainable, training_cases, held_out, validation_on_training, hash_of_data)
+    description = _run_description(config, trainable, training_cases, held_out, validation_on_training, hash_of_data,
+                                   rule)
     if config_path.is_file():
         saved_description = json.loads(config_path.read_text())
         description["created"] = saved_description.get("created", description["created"])

@@ -55,10 +55,18 @@ import click
     help="Semi-axis antero-posterior, as a fraction of the level spacing (default 0.42).",
 )
 @click.option(
-    "--unknown-grade",
-    type=click.Choice(["normal", "skip"]),
+    "--min-grade",
+    type=click.IntRange(1, 3),
     default=None,
-    help="Ungraded vertebrae: label them normal (default) or leave them background.",
+    help="Lowest Genant grade labelled fractured (2); grade 0 is labelled normal (1) and grades "
+    "between 0 and this one are labelled ignore (255).  [default: 1]",
+)
+@click.option(
+    "--unknown-grade",
+    type=click.Choice(["ignore", "normal", "skip"]),
+    default=None,
+    help="Ungraded vertebrae: label them ignore (255, no loss in training; the default), "
+    "normal (1), or leave them background (skip).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(
@@ -71,13 +79,18 @@ def command(
     left_right_fraction: float | None,
     anterior_posterior_fraction: float | None,
     unknown_grade: str | None,
+    min_grade: int | None,
     quiet: bool,
 ) -> None:
-    """Build a label image (0 background, 1 normal, 2 fracture) per case of MANIFEST.
+    """Build a label image (0 background, 1 normal, 2 fracture, 255 ignore) per case of MANIFEST.
 
     Each annotated vertebra becomes an ellipsoid around its centroid, oriented along the local
-    spine direction and sized from the distance to its neighbours; fractured vertebrae (Genant
-    grade >= 1) are flattened along the spine. The images are written on each scan's own grid.
+    spine direction and sized from the distance to its neighbours; deformed vertebrae (Genant
+    grade >= 1) are flattened along the spine. Grade 0 is labelled normal, grade >= --min-grade
+    fractured; a vertebra graded between them, or ungraded (see --unknown-grade), is labelled
+    ignore (255): training gives it no loss and centres no segment on it. The images are written
+    on each scan's own grid; the settings go to label_config.json beside them, where
+    `vfdetect train` reads --min-grade back.
     """
     from vfdetect.labels import LabelConfig, synthesize_manifest_labels
     from vfdetect.vertebrae import read_manifest
@@ -89,6 +102,7 @@ def command(
             "left_right_fraction": left_right_fraction,
             "anterior_posterior_fraction": anterior_posterior_fraction,
             "unknown_grade": unknown_grade,
+            "min_grade": min_grade,
         }.items()
         if value is not None
     }

@@ -2,12 +2,14 @@
 
 Options left out take :class:`vfdetect.train.TrainConfig`'s defaults (the paper's regime: 35 epochs
 x 20 subepochs x 1000 segments, batch 10), or with ``--resume`` the settings of the run being
-resumed. TensorFlow is imported only when the command runs.
+resumed. ``--min-grade`` left out takes the ``min_grade`` the label images were made with (their
+``label_config.json``), else 1. TensorFlow is imported only when the command runs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ _CONFIG_OPTIONS: dict[str, str] = {
     "lr_patience": "lr_patience",
     "validation_fraction": "validation_fraction",
     "validation_segments": "validation_segments",
+    "balanced_validation_segments": "balanced_validation_segments",
+    "min_grade": "min_grade",
     "precision": "precision",
     "strategy": "strategy",
     "spacing": "spacing",
@@ -53,11 +57,21 @@ _CONFIG_OPTIONS: dict[str, str] = {
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Initial RMSProp learning rate.  [default: 0.001]")
 @click.option("--lr-patience", type=click.IntRange(min=1), default=None,
-              help="Epochs without validation gain before the learning rate is halved.  [default: 10]")
+              help="Epochs without a gain of the checkpoint selection measure (fracture-vs-normal voxel AUC) "
+                   "before the learning rate is halved.  [default: 10]")
 @click.option("--validation-fraction", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
               help="Share of the cases held out for validation (0: validate on the training cases).  [default: 0.15]")
 @click.option("--validation-segments", type=click.IntRange(min=1), default=None,
-              help="Uniformly placed validation segments per epoch.  [default: 3000]")
+              help="Uniformly placed validation segments per epoch (overall and per-class accuracy).  [default: 3000]")
+@click.option("--balanced-validation-segments", type=click.IntRange(min=1), default=None,
+              help="Class-balanced validation segments (training size and class weights, no augmentation) for "
+                   "the vertebra recalls and the fracture-vs-normal AUC that choose model.keras.  [default: 500]")
+@click.option("--min-grade", type=click.IntRange(1, 3), default=None,
+              help="Lowest Genant grade counted as a fracture, for the stratified validation split; must match "
+                   "the label images.  [default: the labels' label_config.json, else 1]")
+@click.option("--randomise/--no-randomise", default=None,
+              help="Domain randomisation of the training segments on or off (SamplingConfig.randomised(); other "
+                   "sampling settings of --config are kept).  [default: off, or as in --config]")
 @click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16"]), default=None,
               help="Training precision (saved models are float32).  [default: float32]")
 @click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multiworker"]), default=None,
@@ -78,11 +92,18 @@ def command(
     config_file: Path | None,
     resume: bool,
     quiet: bool,
+    randomise: bool | None,
     **options: Any,
 ) -> None:
-    """Train the dual-pathway network on MANIFEST's cases and their label images."""
+    """Train the dual-pathway network on MANIFEST's cases and their label images.
+
+    model.keras is the epoch with the highest fracture-vs-normal voxel AUC on class-balanced
+    validation segments (ties: mean recall of the normal and fracture classes); see report.json's
+    checkpoint_selection. Label voxels 255 (vertebrae of unknown class) add no loss.
+    """
     from vfdetect.errors import InputError
-    from vfdetect.train import TrainConfig, read_log, run_training
+    from vfdetect.labels import read_label_min_grade
+    from vfdetect.train import TrainConfig, run_training
     from vfdetect.vertebrae import read_manifest
 
     settings: dict[str, Any] = {}
@@ -98,17 +119,56 @@ def command(
         except (OSError, ValueError) as error:
             raise InputError(config_file, f"unreadable JSON: {error}") from None
     settings.update({_CONFIG_OPTIONS[name]: value for name, value in options.items() if value is not None})
+    if "min_grade" not in settings:
+        label_min_grade = read_label_min_grade(labels_dir)
+        if label_min_grade is not None:
+            settings["min_grade"] = label_min_grade
+    if randomise is not None:
+        settings["sampling"] = _sampling_with_randomise(settings.get("sampling") or {}, randomise)
     config = TrainConfig.from_dict(settings)  # a bad setting raises TrainConfigError naming it
 
     cases = read_manifest(manifest, data_root=data_root, grades=grades)
     run_training(cases, labels_dir, run_dir, config, resume=resume, quiet=quiet)
     if not quiet:
-        rows = read_log(run_dir / "log.csv") if (run_dir / "log.csv").is_file() else []
-        if rows:
-            best = max(rows, key=lambda row: row["val_accuracy"])
-            click.echo(
-                f"trained {len(rows)} epoch(s) into {run_dir}: best validation accuracy {best['val_accuracy']:.4f} "
-                f"(epoch {int(best['epoch'])}), last {rows[-1]['val_accuracy']:.4f}"
-            )
-        else:
-            click.echo(f"run folder {run_dir}: no epoch finished")
+        click.echo(_summary(run_dir))
+
+
+def _sampling_with_randomise(values: Any, randomise: bool) -> Any:
+    """The sampling settings ``values`` (a dict or a SamplingConfig) with domain randomisation on or off.
+
+    On: :meth:`SamplingConfig.randomised` with the settings given in ``values`` kept; off: the same
+    settings with ``randomise`` false.
+    """
+    import dataclasses
+
+    from vfdetect.sampling import SamplingConfig
+
+    given = values.to_dict() if isinstance(values, SamplingConfig) else dict(values)
+    base = SamplingConfig.from_dict(given)
+    if not randomise:
+        return dataclasses.replace(base, randomise=False)
+    kept = {name: getattr(base, name) for name in given if name != "randomise"}
+    return SamplingConfig.randomised(**kept)
+
+
+def _summary(run_dir: Path) -> str:
+    """One line on the finished epochs and the checkpoint kept as model.keras."""
+    from vfdetect.train import read_log
+
+    rows = read_log(run_dir / "log.csv") if (run_dir / "log.csv").is_file() else []
+    if not rows:
+        return f"run folder {run_dir}: no epoch finished"
+    try:
+        selection = json.loads((run_dir / "report.json").read_text())["checkpoint_selection"]
+    except (OSError, ValueError, KeyError):
+        return f"trained {len(rows)} epoch(s) into {run_dir}"
+
+    def number(value: Any) -> str:
+        return "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+    return (
+        f"trained {len(rows)} epoch(s) into {run_dir}: model.keras is epoch {selection['best_epoch']} "
+        f"({selection['measure']} {number(selection['measure_value'])}, {selection['tie_break']} "
+        f"{number(selection['tie_break_value'])}); last epoch {selection['measure']} "
+        f"{number(rows[-1].get(selection['measure']))}"
+    )
