@@ -10,18 +10,22 @@ import numpy as np
 import pytest
 
 from vfdetect.errors import InputError, VfdetectError
-from vfdetect.geometry import NetworkGeometry, geometry_for
+from vfdetect.geometry import NetworkGeometry, extract_segments, geometry_for, pad_volume
 from vfdetect.sampling import (
     PreparedCase,
+    Randomisation,
     SamplingConfig,
     TrainingCase,
     TrainingSampler,
     distribute_to_classes,
+    draw_randomisation,
     draw_subepoch,
     extract_sample,
     load_training_case,
     make_dataset,
+    noise_box,
     prepare_case,
+    randomised_window,
     sample_centres,
     segments_dataset,
     subepoch_positions,
@@ -233,7 +237,7 @@ def test_augmentation_flips_hr_lr_and_labels_alike_and_shares_noise() -> None:
     for row in range(40):
         axes = tuple(np.flatnonzero(flips[row]))
         hr = np.flip(plain["hr"][row, ..., 0], axes)
-        lr = np.flip(plain["lr"][row, ..., 0], axes)
+        lr = extract_sample(case, plain["centre"][row], GEOMETRY_3D, flip_axes=axes)[1]
         assert np.array_equal(augmented["labels"][row], np.flip(plain["labels"][row], axes))
         hr_aug = augmented["hr"][row, ..., 0]
         # Solve (hr + s) * m for s and m from two voxels, then check every HR and LR voxel.
@@ -250,8 +254,9 @@ def test_augmentation_flips_hr_lr_and_labels_alike_and_shares_noise() -> None:
                                                                noise_scale_sd=0), 40, np.random.default_rng(9))
     assert only_x["flips"].tolist() == [[True, False, False]] * 40
     assert np.array_equal(only_x["hr"], plain["hr"][:, ::-1])
-    assert np.array_equal(only_x["lr"], plain["lr"][:, ::-1])
     assert np.array_equal(only_x["labels"], plain["labels"][:, ::-1])
+    # The LR context is read from the mirrored volume, not flipped: the window is not symmetric.
+    assert not np.array_equal(only_x["lr"], plain["lr"][:, ::-1])
 
 
 def test_validation_segments_are_uniform_over_the_whole_image() -> None:
@@ -390,8 +395,19 @@ def test_load_training_case_rejects_labels_off_the_scan_grid(tmp_path) -> None:
 
 def test_load_training_case_rejects_unknown_label_values(tmp_path) -> None:
     case, labels_dir = _write_case(tmp_path, label_values=(0, 1, 7))
-    with pytest.raises(InputError, match="0, 1 or 2"):
+    with pytest.raises(InputError, match=r"0, 1, 2 or 255 \(ignored\), found \[7\]"):
         load_training_case(case, labels_dir)
+
+
+def test_ignored_vertebrae_load_but_are_never_segment_centres(tmp_path) -> None:
+    case, labels_dir = _write_case(tmp_path, label_values=(0, 1, 255))
+    loaded = load_training_case(case, labels_dir)
+    assert set(np.unique(loaded.labels)) == {0, 1, 255}
+    prepared = prepare_case(loaded, GEOMETRY_3D)
+    assert prepared.class_counts[2] == 0
+    segments = draw_subepoch([prepared], GEOMETRY_3D, SamplingConfig(), 40, np.random.default_rng(0))
+    centres = segments["centre"]
+    assert all(prepared.padded_labels[tuple(c)] in (0, 1) for c in centres)
 
 
 def test_prepared_case_is_reused_not_recomputed() -> None:
@@ -408,3 +424,263 @@ def test_sampling_config_round_trips_and_refuses_unknown_settings() -> None:
     assert SamplingConfig.from_dict(config.to_dict()) == config
     with pytest.raises(VfdetectError, match="unknown sampling setting.*class_weight"):
         SamplingConfig.from_dict({"class_weight": [0.2, 0.4, 0.4]})
+
+
+# ----------------------------------------------------------------------------------------------
+# Flips and the LR context
+# ----------------------------------------------------------------------------------------------
+
+
+def test_lr_window_is_not_symmetric_about_the_segment_centre() -> None:
+    # 25^3 segment of the 3D network: LR samples at c - 28, c - 25, ..., c + 26 (centred on c - 1),
+    # so flipping an extracted LR window would read c - 26 .. c + 28 in the mirrored frame.
+    start = GEOMETRY_3D.segment_start((100, 100, 100), (25, 25, 25))
+    lr_start = GEOMETRY_3D.lr_start(start)
+    n = GEOMETRY_3D.lr_shape_for((25, 25, 25))[0]
+    offsets = lr_start[0] + 3 * np.arange(n) - 100
+    assert (offsets[0], offsets[-1]) == (-28, 26)
+    assert np.array_equal(-offsets[::-1], offsets + 2)
+
+
+@pytest.mark.parametrize("hr_shape", [(25, 25, 25), (27, 25, 31), (26, 25, 28)])
+@pytest.mark.parametrize("flip", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)])
+def test_flipped_sample_is_the_sample_of_the_mirrored_volume(hr_shape, flip) -> None:
+    rng = np.random.default_rng(3)
+    shape = (37, 41, 45)
+    image = rng.normal(size=shape).astype(np.float32)
+    labels = rng.integers(0, 3, size=shape).astype(np.uint8)
+    case = prepare_case(TrainingCase("r", image, labels), GEOMETRY_3D, hr_shape)
+    axes = tuple(int(a) for a in np.flatnonzero(flip))
+    mirrored_case = prepare_case(TrainingCase("m", np.flip(image, axes).copy(), np.flip(labels, axes).copy()),
+                                 GEOMETRY_3D, hr_shape)
+    assert np.array_equal(mirrored_case.padded_image, np.flip(case.padded_image, axes))
+    config = SamplingConfig(hr_shape=hr_shape, flip_probability=flip, noise_shift_sd=0, noise_scale_sd=0)
+    segments = draw_subepoch([case], GEOMETRY_3D, config, 30, np.random.default_rng(5))
+    size = np.asarray(case.padded_image.shape)
+    odd = np.asarray(hr_shape) % 2 == 1
+    for row in range(30):
+        centre = segments["centre"][row]
+        start = np.asarray(GEOMETRY_3D.segment_start(centre, hr_shape))
+        mirrored_start = np.where(flip, size - start - np.asarray(hr_shape), start)
+        hr, lr = extract_segments(mirrored_case.padded_image, mirrored_start, hr_shape, GEOMETRY_3D,
+                                  mirrored_case.fill_value)
+        block = mirrored_case.padded_labels[GEOMETRY_3D.output_slices(mirrored_start, hr_shape)]
+        assert np.array_equal(segments["hr"][row, ..., 0], hr)
+        assert np.array_equal(segments["lr"][row, ..., 0], lr)
+        assert np.array_equal(segments["labels"][row], block)
+        if all(odd):  # odd sizes: exactly the sample at the mirrored centre
+            mirrored_centre = np.where(flip, size - 1 - centre, centre)
+            expected = extract_sample(mirrored_case, mirrored_centre, GEOMETRY_3D, hr_shape)
+            for got, want in zip((segments["hr"][row, ..., 0], segments["lr"][row, ..., 0], segments["labels"][row]),
+                                 expected, strict=True):
+                assert np.array_equal(got, want)
+        # HR and labels are the flipped arrays of the unflipped sample; the LR is not.
+        plain_hr, plain_lr, plain_labels = extract_sample(case, centre, GEOMETRY_3D, hr_shape)
+        assert np.array_equal(segments["hr"][row, ..., 0], np.flip(plain_hr, axes))
+        assert np.array_equal(segments["labels"][row], np.flip(plain_labels, axes))
+
+
+# ----------------------------------------------------------------------------------------------
+# Domain randomisation
+# ----------------------------------------------------------------------------------------------
+
+EVERYTHING = {name: 1.0 for name in ("intensity_probability", "gamma_probability", "blur_probability",
+                                     "thick_slice_probability", "noise_probability", "bias_probability")}
+
+
+def _full_grid(shape) -> list[np.ndarray]:
+    return [np.arange(n) for n in shape]
+
+
+def test_identity_randomisation_reads_what_extraction_reads() -> None:
+    case = prepare_case(spine_like_case(), GEOMETRY_3D)
+    for centre in [(12, 12, 12), (30, 25, 40)]:
+        start = GEOMETRY_3D.segment_start(centre, (25, 25, 25))
+        hr, lr = extract_segments(case.padded_image, start, (25, 25, 25), GEOMETRY_3D, case.fill_value)
+        lr_start = GEOMETRY_3D.lr_start(start)
+        hr_grid = [np.arange(s, s + 25) for s in start]
+        lr_grid = [s + 3 * np.arange(19) for s in lr_start]
+        assert np.array_equal(randomised_window(case.padded_image, case.fill_value, Randomisation(), hr_grid), hr)
+        assert np.array_equal(randomised_window(case.padded_image, case.fill_value, Randomisation(), lr_grid), lr)
+
+
+def test_segment_randomisation_equals_randomising_the_volume_then_extracting() -> None:
+    rng = np.random.default_rng(4)
+    padded = pad_volume(rng.normal(size=(40, 44, 38)).astype(np.float32), GEOMETRY_3D)
+    fill = 0.3
+    for seed in range(4):
+        randomisation = draw_randomisation(SamplingConfig.randomised(**EVERYTHING), np.random.default_rng(seed))
+        assert randomisation.slice_axis is not None and randomisation.bias_waves and randomisation.noise_sd > 0
+        white = np.random.default_rng(seed).standard_normal(padded.shape).astype(np.float32)
+        volume = randomised_window(padded, fill, randomisation, _full_grid(padded.shape), white)
+        for centre in [(12, 12, 12), (30, 27, 25), (43, 47, 41)]:
+            start = GEOMETRY_3D.segment_start(centre, (25, 25, 25))
+            hr, lr = extract_segments(volume, start, (25, 25, 25), GEOMETRY_3D,
+                                      float(randomisation.point_transform(fill)))
+            hr_grid = [np.arange(s, s + 25) for s in start]
+            lr_grid = [s + 3 * np.arange(19) for s in GEOMETRY_3D.lr_start(start)]
+            origin, box = noise_box(randomisation, padded.shape, [hr_grid, lr_grid])
+            block = white[tuple(slice(o, o + n) for o, n in zip(origin, box, strict=True))]
+            np.testing.assert_allclose(randomised_window(padded, fill, randomisation, hr_grid, block, origin), hr,
+                                       atol=2e-5)
+            np.testing.assert_allclose(randomised_window(padded, fill, randomisation, lr_grid, block, origin), lr,
+                                       atol=2e-5)
+
+
+@pytest.mark.parametrize("flip", [(0, 0, 0), (1, 1, 1)])
+def test_randomised_draws_agree_between_pathways_where_they_overlap(flip) -> None:
+    case = prepare_case(spine_like_case(shape=(50, 46, 52)), GEOMETRY_3D)
+    config = SamplingConfig.randomised(noise_shift_sd=0, noise_scale_sd=0, flip_probability=flip, **EVERYTHING)
+    segments = draw_subepoch([case], GEOMETRY_3D, config, 12, np.random.default_rng(1))
+    plain = draw_subepoch([case], GEOMETRY_3D, SamplingConfig(**NO_AUGMENTATION), 12, np.random.default_rng(1))
+    # LR samples at HR-segment offsets -16 + 3 i: offsets 2, 5, ..., 23 (LR index 6 .. 13) lie inside the
+    # HR segment. A flipped sample is a sample of the mirrored volume, so the same rule holds for it.
+    inside_hr = slice(2, 24, 3)
+    inside_lr = slice(6, 14)
+    for row in range(12):
+        hr = segments["hr"][row, ..., 0]
+        lr = segments["lr"][row, ..., 0]
+        np.testing.assert_allclose(lr[inside_lr, inside_lr, inside_lr], hr[inside_hr, inside_hr, inside_hr], atol=1e-5)
+        assert not np.allclose(hr, plain["hr"][row, ..., 0], atol=1e-2)  # the image did change
+    axes = tuple(int(a) for a in np.flatnonzero(flip))
+    assert np.array_equal(segments["labels"], np.flip(plain["labels"], tuple(a + 1 for a in axes)))
+
+
+def test_randomised_draws_are_reproducible_and_off_by_default() -> None:
+    case = prepare_case(spine_like_case(), GEOMETRY_3D)
+    config = SamplingConfig.randomised()
+    first = draw_subepoch([case], GEOMETRY_3D, config, 20, np.random.default_rng(7))
+    again = draw_subepoch([case], GEOMETRY_3D, config, 20, np.random.default_rng(7))
+    other = draw_subepoch([case], GEOMETRY_3D, config, 20, np.random.default_rng(8))
+    for key in first:
+        assert np.array_equal(first[key], again[key])
+    assert not np.array_equal(first["hr"], other["hr"])
+    assert not SamplingConfig().randomise and config.randomise
+    # Off: the draws are those of a configuration without the new settings.
+    off = draw_subepoch([case], GEOMETRY_3D, SamplingConfig.randomised(randomise=False), 20, np.random.default_rng(7))
+    base = draw_subepoch([case], GEOMETRY_3D, SamplingConfig(), 20, np.random.default_rng(7))
+    assert np.array_equal(off["hr"], base["hr"]) and np.array_equal(off["lr"], base["lr"])
+    # The number of draws does not depend on which augmentations are on.
+    rng_a, rng_b = np.random.default_rng(0), np.random.default_rng(0)
+    draw_randomisation(SamplingConfig.randomised(**EVERYTHING), rng_a)
+    draw_randomisation(SamplingConfig.randomised(**{name: 0.0 for name in EVERYTHING}), rng_b)
+    assert rng_a.random() == rng_b.random()
+
+
+def _high_frequency_energy(volume: np.ndarray, axis: int) -> float:
+    return float(np.mean(np.diff(volume, axis=axis) ** 2))
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_thick_slices_remove_high_frequencies_along_their_axis_only(axis) -> None:
+    volume = np.random.default_rng(0).normal(size=(30, 32, 34)).astype(np.float32)
+    thick = randomised_window(volume, 0.0, Randomisation(slice_axis=axis, slice_thickness=4.0, slice_phase=1.3),
+                              _full_grid(volume.shape))
+    for other in range(3):  # white noise: mean squared difference / (2 variance) = 1 on every axis
+        relative = _high_frequency_energy(thick, other) / (2 * float(thick.var()))
+        assert relative < 0.25 if other == axis else relative == pytest.approx(1.0, abs=0.1)
+    assert float(thick.var()) < 0.5 * float(volume.var())
+    # Averages: a constant stays constant.
+    constant = randomised_window(np.full((20, 20, 20), 2.5, np.float32), 0.0,
+                                 Randomisation(slice_axis=axis, slice_thickness=3.3), _full_grid((20, 20, 20)))
+    np.testing.assert_allclose(constant, 2.5, rtol=1e-5)
+    # Thickness 1 at phase 0 is the identity.
+    same = randomised_window(volume, 0.0, Randomisation(slice_axis=axis, slice_thickness=1.0), _full_grid(volume.shape))
+    np.testing.assert_allclose(same, volume, atol=1e-6)
+
+
+def test_blur_smooths_and_keeps_the_mean() -> None:
+    volume = np.random.default_rng(0).normal(size=(30, 30, 30)).astype(np.float32)
+    blurred = randomised_window(volume, 0.0, Randomisation(blur_sigma=1.0), _full_grid(volume.shape))
+    for axis in range(3):
+        assert _high_frequency_energy(blurred, axis) < 0.1 * _high_frequency_energy(volume, axis)
+    assert abs(float(blurred.mean()) - float(volume.mean())) < 0.01
+
+
+def test_gamma_is_monotone_and_leaves_values_outside_its_window() -> None:
+    values = np.linspace(-6, 8, 2001, dtype=np.float32)
+    for gamma in (0.7, 1.5):
+        curved = Randomisation(gamma=gamma, gamma_window=(-3.0, 5.0)).point_transform(values)
+        assert np.all(np.diff(curved) >= 0)
+        outside = (values <= -3) | (values >= 5)
+        np.testing.assert_allclose(curved[outside], values[outside], atol=1e-5)
+        inside = (values > -2.9) & (values < 4.9)
+        assert np.all(curved[inside] < values[inside]) if gamma > 1 else np.all(curved[inside] > values[inside])
+    scaled = Randomisation(scale=1.1, offset=-0.2).point_transform(values)
+    np.testing.assert_allclose(scaled, 1.1 * values - 0.2, atol=1e-5)
+
+
+def test_bias_field_is_smooth_and_within_its_amplitude() -> None:
+    config = SamplingConfig.randomised(**{**{name: 0.0 for name in EVERYTHING}, "bias_probability": 1.0})
+    randomisation = draw_randomisation(config, np.random.default_rng(2))
+    assert randomisation.scale == 1.0 and randomisation.noise_sd == 0 and len(randomisation.bias_waves) == 4
+    shape = (60, 60, 60)
+    ones = randomised_window(np.ones(shape, np.float32), 0.0, randomisation, _full_grid(shape))
+    zeros = randomised_window(np.zeros(shape, np.float32), 0.0, randomisation, _full_grid(shape))
+    gain, offset = ones - zeros - 1, zeros
+    assert np.abs(gain).max() <= config.bias_gain + 1e-6 and np.abs(offset).max() <= config.bias_offset + 1e-6
+    assert np.abs(offset).max() > 0.01 and np.abs(gain).max() > 0.005
+    shortest = config.bias_wavelength[0]
+    for field in (gain, offset):
+        for axis in range(3):  # |second difference| <= amplitude * (2 pi / wavelength)^2
+            curvature = np.abs(np.diff(field, n=2, axis=axis)).max()
+            assert curvature <= np.abs(field).max() * (2 * np.pi / shortest) ** 2 * 2 + 1e-6
+
+
+@pytest.mark.parametrize("correlation", [0.0, 1.0])
+def test_noise_has_the_drawn_level_and_correlation(correlation) -> None:
+    shape = (40, 40, 40)
+    randomisation = Randomisation(noise_sd=0.2, noise_correlation=correlation)
+    grid = _full_grid(shape)
+    origin, box = noise_box(randomisation, shape, [grid])
+    white = np.random.default_rng(0).standard_normal(box).astype(np.float32)
+    noise = randomised_window(np.zeros(shape, np.float32), 0.0, randomisation, grid, white, origin)[5:-5, 5:-5, 5:-5]
+    assert float(noise.std()) == pytest.approx(0.2, rel=0.1)
+    neighbour = float(np.corrcoef(noise[:-1].ravel(), noise[1:].ravel())[0, 1])
+    assert abs(neighbour) < 0.05 if correlation == 0 else neighbour == pytest.approx(np.exp(-1 / 4), abs=0.05)
+    with pytest.raises(VfdetectError, match="white_noise"):
+        randomised_window(np.zeros(shape, np.float32), 0.0, randomisation, grid)
+
+
+def test_randomised_config_round_trips_and_refuses_bad_ranges() -> None:
+    config = SamplingConfig.randomised(gamma_range=(0.8, 1.2), noise_probability=0.1)
+    assert SamplingConfig.from_dict(config.to_dict()) == config
+    assert SamplingConfig.from_dict({}).randomise is False
+    with pytest.raises(VfdetectError, match="gamma_range"):
+        SamplingConfig(gamma_range=(1.5, 0.7))
+    with pytest.raises(VfdetectError, match="blur_probability"):
+        SamplingConfig(blur_probability=1.5)
+    with pytest.raises(VfdetectError, match="slice_thickness"):
+        SamplingConfig(slice_thickness=(0.5, 2.0))
+    with pytest.raises(VfdetectError, match="unknown sampling setting.*randomize"):
+        SamplingConfig.from_dict({"randomize": True})
+
+
+# ----------------------------------------------------------------------------------------------
+# Case weights
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cases_per_subepoch", [50, 5])
+def test_case_weights_set_the_share_of_each_source(cases_per_subepoch) -> None:
+    phantoms = [TrainingCase(f"p{i}", *_small_arrays(i), source="phantom", weight=1 / 20) for i in range(20)]
+    real = [TrainingCase(f"r{i}", *_small_arrays(100 + i), source="real", weight=1 / 2) for i in range(2)]
+    cases = [prepare_case(case, GEOMETRY_3D) for case in phantoms + real]
+    assert cases[-1].source == "real" and cases[-1].weight == 0.5
+    config = SamplingConfig(cases_per_subepoch=cases_per_subepoch, **NO_AUGMENTATION)
+    counts = np.zeros(2)
+    for subepoch in range(20):
+        segments = draw_subepoch(cases, GEOMETRY_3D, config, 100, subepoch_rng(0, 0, subepoch))
+        per_source = np.bincount(segments["case_index"] >= 20, minlength=2)
+        if cases_per_subepoch == 50:  # every case used: 2 segments per phantom, 25 per real scan, 10 by weight
+            assert 40 <= per_source[0] <= 50 and 50 <= per_source[1] <= 60
+        counts += per_source
+    # 1:1 by source although the case counts are 10:1.
+    assert binomial_ok(int(counts[1]), int(counts.sum()), 0.5, sigmas=4.5 if cases_per_subepoch == 50 else 12)
+    with pytest.raises(VfdetectError, match="weight"):
+        TrainingCase("bad", *_small_arrays(0), weight=0.0)
+
+
+def _small_arrays(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    case = spine_like_case(shape=(26, 26, 26), seed=seed)
+    return case.image, case.labels

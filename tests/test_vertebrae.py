@@ -377,7 +377,41 @@ def test_manifest_default_root_is_its_folder_and_write_round_trip(tmp_path, monk
         "c1,data/c1_ct.nii.gz,data/c1_msk.nii.gz,totalsegmentator",
     ]
     (back,) = read_manifest(manifest)
-    assert back == Case("c1", image.resolve(), centroids.resolve(), {20: 1}, "totalsegmentator")
+    assert back == Case("c1", image.resolve(), centroids.resolve(), {20: 1}, "totalsegmentator", source="manifest")
+
+
+def test_manifest_source_and_weight_columns_default_and_round_trip(tmp_path, monkeypatch):
+    monkeypatch.delenv("VFDETECT_DATA_ROOT", raising=False)
+    _touch(tmp_path / "a.nii.gz")
+    _touch(tmp_path / "b.nii.gz")
+    plain = tmp_path / "phantoms.csv"
+    plain.write_text("case,image,centroids\na,a.nii.gz,\n")
+    (case,) = read_manifest(plain)
+    assert (case.source, case.weight) == ("phantoms", 1.0)
+
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("case,image,centroids,source,weight\na,a.nii.gz,,phantom,0.0333\nb,b.nii.gz,,,\n")
+    first, second = read_manifest(mixed)
+    assert (first.source, first.weight) == ("phantom", 0.0333)
+    assert (second.source, second.weight) == ("mixed", 1.0)
+
+    written = tmp_path / "written.csv"
+    write_manifest(written, [first, second], tmp_path)
+    assert written.read_text().splitlines()[0] == "case,image,centroids,source,weight"
+    assert read_manifest(written) == [first, second]
+    # Neither column when every case has the defaults.
+    write_manifest(written, [Case("a", first.image), Case("b", second.image, source="written")], tmp_path)
+    assert written.read_text().splitlines()[0] == "case,image,centroids"
+
+
+@pytest.mark.parametrize("weight", ["0", "-1", "abc", "nan", "inf"])
+def test_manifest_refuses_a_weight_that_is_not_positive(tmp_path, weight):
+    _touch(tmp_path / "img.nii.gz")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"case,image,centroids,weight\na,img.nii.gz,,{weight}\n")
+    with pytest.raises(InputError) as error:
+        read_manifest(manifest, data_root=tmp_path)
+    _single_line_error(error, str(manifest), "weight must be a positive number")
 
 
 @pytest.mark.parametrize(

@@ -677,7 +677,9 @@ class Case:
 
     ``centroids`` is a VerSe JSON or a vertebra mask NIfTI (or None when not annotated);
     ``label_scheme`` is the numbering of such a mask (see :data:`LABEL_SCHEMES`) and ``body_mask``
-    an optional vertebral-body mask on its grid (see :func:`load_centroids`).
+    an optional vertebral-body mask on its grid (see :func:`load_centroids`). ``source`` names the
+    data source the case comes from (empty: unnamed) and ``weight`` is its relative share of
+    training draws (positive; see :func:`vfdetect.sampling.draw_subepoch`).
     """
 
     case: str
@@ -686,6 +688,8 @@ class Case:
     grades: dict[int, int] = field(default_factory=dict)
     label_scheme: str = "verse"
     body_mask: Path | None = None
+    source: str = ""
+    weight: float = 1.0
 
     def vertebrae(self, affine: np.ndarray, shape: Sequence[int] | None = None) -> list[Vertebra]:
         """The case's vertebrae (world mm, grades attached) for a scan with ``affine`` and ``shape``."""
@@ -771,8 +775,11 @@ def read_manifest(
 
     Columns: ``case``, ``image`` (NIfTI file or DICOM folder), ``centroids`` (VerSe JSON or vertebra
     mask NIfTI; may be empty), and optionally ``label_scheme`` (numbering of a centroid mask, see
-    :data:`LABEL_SCHEMES`; default ``verse``) and ``body_mask`` (see :func:`load_centroids`). Other
-    columns (e.g. ``split``) are ignored.
+    :data:`LABEL_SCHEMES`; default ``verse``), ``body_mask`` (see :func:`load_centroids`), ``source``
+    (the data source's name; default the manifest file's stem) and ``weight`` (a positive number,
+    the case's relative share of training draws; default 1). A manifest mixing sources can give
+    each source a total share: e.g. 30 phantoms of weight 1/30 and 3 real scans of weight 1/3 are
+    drawn equally often as groups. Other columns (e.g. ``split``) are ignored.
 
     Relative paths are resolved against ``data_root``, else ``$VFDETECT_DATA_ROOT``, else the
     manifest's folder (a path missing under a given root is also tried beside the manifest). When a
@@ -822,7 +829,17 @@ def read_manifest(
         body_mask = (
             _resolve_entry(path, line, case, "body_mask", body_value, root, index) if body_value else None
         )
-        cases.append(Case(case, image, centroids, dict(grade_table.get(case, {})), scheme, body_mask))
+        source = row.get("source", "") or path.stem
+        weight_text = row.get("weight", "") or "1"
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            weight = math.nan
+        if not (math.isfinite(weight) and weight > 0):
+            raise InputError(path, f"line {line} (case {case!r}): weight must be a positive number, got {weight_text!r}")
+        cases.append(
+            Case(case, image, centroids, dict(grade_table.get(case, {})), scheme, body_mask, source, weight)
+        )
     return cases
 
 
@@ -838,8 +855,9 @@ def write_manifest(
 ) -> None:
     """Write ``cases`` as a manifest with paths relative to ``root`` (atomic).
 
-    ``label_scheme`` / ``body_mask`` columns are added only when some case needs them. With
-    ``grades_path``, the cases' grades are written there too (:func:`write_grades`).
+    ``label_scheme`` / ``body_mask`` / ``source`` / ``weight`` columns are added only when some case
+    needs them (a ``source`` other than empty or the manifest's stem, a ``weight`` other than 1).
+    With ``grades_path``, the cases' grades are written there too (:func:`write_grades`).
     """
     root = Path(root)
     names = [case.case for case in cases]
@@ -848,10 +866,19 @@ def write_manifest(
         raise VfdetectError(f"duplicate case ids: {', '.join(duplicates)}")
     with_scheme = any(case.label_scheme != "verse" for case in cases)
     with_body = any(case.body_mask is not None for case in cases)
+    stem = Path(path).stem
+    with_source = any(case.source not in ("", stem) for case in cases)
+    with_weight = any(case.weight != 1.0 for case in cases)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(
-        [*MANIFEST_COLUMNS, *(["label_scheme"] if with_scheme else []), *(["body_mask"] if with_body else [])]
+        [
+            *MANIFEST_COLUMNS,
+            *(["label_scheme"] if with_scheme else []),
+            *(["body_mask"] if with_body else []),
+            *(["source"] if with_source else []),
+            *(["weight"] if with_weight else []),
+        ]
     )
     for case in cases:
         centroids = "" if case.centroids is None else _relative_text(case.centroids, root)
@@ -863,6 +890,8 @@ def write_manifest(
                 centroids,
                 *([case.label_scheme] if with_scheme else []),
                 *([body] if with_body else []),
+                *([case.source or stem] if with_source else []),
+                *([repr(float(case.weight))] if with_weight else []),
             ]
         )
     write_text_atomic(path, buffer.getvalue())
