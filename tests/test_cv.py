@@ -118,7 +118,7 @@ class StandIns:
         for case in cases:
             if case.case == self.fail_predict_for:
                 raise VfdetectError("stand-in failure")
-            self.calls.append(("predict", case.case))
+            self.calls.append(("predict", case.case, pred_dir.name))
             folder = pred_dir / case.case
             folder.mkdir(parents=True, exist_ok=True)
             number = int(case.case[-2:])
@@ -144,14 +144,16 @@ def test_cross_validation_runs_resumes_and_pools(tmp_path: Path) -> None:
     assert not (tmp_path / f"fold{failed_fold}" / cv.FOLD_DONE_NAME).exists()
     finished_before = {f for f in range(3) if (tmp_path / f"fold{f}" / cv.FOLD_DONE_NAME).is_file()}
     assert finished_before == set(range(failed_fold))
-    predicted_before = {c[1] for c in stand_ins.calls if c[0] == "predict"}
+    predicted_before = {c[1] for c in stand_ins.calls if c[0] == "predict" and c[2] == "predictions"}
 
     again = StandIns()
     result = cv.run_cross_validation(cases, tmp_path, config, again.stages())
     assert not any(c[0] == "labels" for c in again.calls)  # labels made once
     trained = [c[1] for c in again.calls if c[0] == "train"]
     assert trained == [str(tmp_path / f"fold{f}" / "run") for f in range(3) if f not in finished_before]
-    predicted_now = {c[1] for c in again.calls if c[0] == "predict"}
+    predicted_now = {c[1] for c in again.calls if c[0] == "predict" and c[2] == "predictions"}
+    # each fold's validation cases are predicted by the fold's model to choose its patient threshold
+    assert {c[2] for c in again.calls if c[0] == "predict"} == {"predictions", "predictions_validation"}
     assert not predicted_now & predicted_before  # finished predictions are not redone
     assert predicted_now | predicted_before == {c.case for c in cases}
     assert result.reused_folds == sorted(finished_before)
@@ -159,6 +161,8 @@ def test_cross_validation_runs_resumes_and_pools(tmp_path: Path) -> None:
     assert summary["pooled"]["patient_counts"] == {"patients": 15, "positive": 9, "negative": 6}
     assert summary["pooled"]["patient_auc"] == pytest.approx(1.0)
     assert len(summary["folds"]) == 3 and all("metrics" in f for f in summary["folds"])
+    assert all(f["patient_threshold"]["source"] == "validation" for f in summary["folds"])
+    assert "patient_training_threshold" in summary["pooled"] and "patient_auc_interval95" in summary["pooled"]
     assert (tmp_path / "evaluation" / "metrics.md").is_file()
 
     third = StandIns()
@@ -199,6 +203,8 @@ def test_experiment_files_parse(tmp_path: Path) -> None:
     files = sorted(folder.glob("*.json"))
     assert {"cv5.json", "model_selection.json"} <= {f.name for f in files}
     for path in files:
+        if json.loads(path.read_text()).get("experiment") not in ("cv", "model_selection"):
+            continue  # other experiments have their own scripts
         document = cv.read_experiment(path)
         if document["experiment"] == "cv":
             cv.CvConfig(**document["cv"])
@@ -227,3 +233,64 @@ def test_cv_command_reports_too_few_negatives(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "only 3 negative patient(s)" in result.output and "need 4" in result.output
     assert not (tmp_path / "out" / cv.SPLITS_NAME).exists()
+
+
+@dataclass
+class ScoredStandIns(StandIns):
+    """Patient scores that differ between a fold's validation predictions and its test predictions.
+
+    Validation side: positives 0.6, negatives 0.3 (best cut 0.45). Test side: positives 0.4,
+    negatives 0.2: a cut chosen on the test cases would lie near 0.3 and call every test case right.
+    """
+
+    def predict(self, run_dir: Path, cases, pred_dir: Path) -> None:  # type: ignore[no-untyped-def]
+        for case in cases:
+            self.calls.append(("predict", case.case, pred_dir.name))
+            positive = cv.is_positive(case, 2)
+            score = (0.6 if positive else 0.3) if pred_dir.name == "predictions_validation" else (
+                0.4 if positive else 0.2)
+            folder = pred_dir / case.case
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "report.json").write_text(json.dumps({
+                "vertebrae": [{"label": label, "fracture_probability": score, "centroid_mm": [0, 0, label]}
+                              for label in case.grades],
+                "patient_score": score, "patient_threshold": 0.5, "patient_fracture": score >= 0.5,
+                "patient_rule": "patient_score >= patient_threshold",
+                "component_sizes": {"probability_thresholds": [0.5], "largest_component_mm3": [100 * score]},
+            }))
+
+
+def test_patient_threshold_is_chosen_on_the_training_side_only(tmp_path: Path) -> None:
+    cases = cohort(24, 12)  # grades 1-3 among positives; with min_grade 2, grade-1 cases count as negative
+    config = cv.CvConfig(n_folds=3, seed=0, n_bootstrap=10, min_grade=2, min_negatives_per_fold=2,
+                         validation_fraction=0.3)
+    stand_ins = ScoredStandIns()
+    result = cv.run_cross_validation(cases, tmp_path, config, stand_ins.stages())
+    summary = json.loads((tmp_path / "cv.json").read_text())
+    for fold in summary["folds"]:
+        chosen = fold["patient_threshold"]
+        assert chosen["threshold"] == pytest.approx(0.45) and chosen["fallback"] is None
+        # applied to the test fold: every test score (0.4 / 0.2) is below it
+        assert chosen["test"]["recall"] == 0.0 and chosen["test"]["specificity"] == 1.0
+    pooled = result.pooled_metrics["patient_training_threshold"]
+    assert pooled["recall"] == 0.0 and pooled["thresholds"] == [pytest.approx(0.45)]
+    assert "validation cases" in pooled["note"]
+    # the fixed rule of the reports is summarised beside it, and truth follows min_grade everywhere
+    assert result.pooled_metrics["patient_fixed_rule"]["thresholds"] == [0.5]
+    positives = sum(cv.is_positive(c, 2) for c in cases)
+    assert result.pooled_metrics["patient_counts"]["positive"] == positives < sum(cv.is_positive(c) for c in cases)
+    splits = json.loads((tmp_path / cv.SPLITS_NAME).read_text())
+    assert len(splits["positive_cases"]) == positives
+    assert "chosen without the test cases" in (tmp_path / "evaluation" / "metrics.md").read_text()
+
+
+def test_choose_patient_threshold_falls_back_on_one_class(tmp_path: Path) -> None:
+    cases = [FakeCase("a", {18: 2}), FakeCase("b", {18: 3})]
+    for case, score in zip(cases, (0.7, 0.9), strict=True):
+        (tmp_path / case.case).mkdir()
+        (tmp_path / case.case / "report.json").write_text(json.dumps(
+            {"patient_fracture_probability": score, "patient_threshold": 0.42}))
+    record = cv.choose_patient_threshold(cases, tmp_path)
+    assert record["threshold"] == 0.42 and "one class" in record["fallback"]
+    with pytest.raises(VfdetectError, match="patient_threshold_from"):
+        cv.CvConfig(patient_threshold_from="test")

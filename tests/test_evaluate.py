@@ -14,6 +14,7 @@ from sklearn.metrics import roc_curve as sklearn_roc_curve
 
 from vfdetect import evaluate as ev
 from vfdetect.errors import VfdetectError
+from vfdetect.jsonutil import json_safe
 
 # ----------------------------------------------------------------------------------------------
 # ROC basics
@@ -130,7 +131,7 @@ def test_bootstrap_counts_single_class_resamples_and_clusters_cases() -> None:
     assert result.n_valid == 300 - without_case0
     assert np.all(result.aucs == 1.0) and result.auc_sd == 0.0
     # clustered: drawing case 2 twice repeats both of its vertebrae
-    fpr, tpr = curve(np.array([0, 2, 2]))
+    fpr, tpr = curve(np.array([0, 2, 2]))  # type: ignore[misc]
     direct = ev.roc_curve(truth[[0, 1, 4, 5, 4, 5]], scores[[0, 1, 4, 5, 4, 5]])
     np.testing.assert_allclose(fpr, direct.fpr)
     np.testing.assert_allclose(tpr, direct.tpr)
@@ -228,9 +229,11 @@ def test_evaluate_predictions_writes_metrics(tmp_path: Path) -> None:
     out = tmp_path / "eval"
     metrics = ev.evaluate_predictions(cases, pred_dir, out, n_bootstrap=200, seed=4)
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("vertebra_auc", "vertebra_auc_sd", "patient_auc", "patient_auc_sd", "patient_operating_point",
+    for key in ("vertebra_auc", "vertebra_auc_sd", "vertebra_auc_interval95", "patient_auc", "patient_auc_sd",
+                "patient_auc_interval95", "patient_hull_best_point", "patient_auc_refitted_hull_mean",
                 "patient_operating_points", "vertebra_by_grade", "vertebra_by_level"):
         assert key in saved
+    assert "patient_fixed_rule" not in saved  # these (old) reports state no decision
     assert saved["vertebra_counts"]["vertebrae"] == 24
     assert saved["patient_counts"] == {"patients": 8, "positive": 4, "negative": 4}
     assert saved["excluded"]["cases_without_prediction"] == ["no_prediction"]
@@ -241,7 +244,8 @@ def test_evaluate_predictions_writes_metrics(tmp_path: Path) -> None:
     assert metrics["vertebra_bootstrap"]["n_resamples"] == 200
     arrays = np.load(out / "roc.npz")
     assert arrays["vertebra_tpr_mean"].shape == arrays["fpr_grid"].shape
-    assert "| patient |" in (out / "metrics.md").read_text()
+    markdown = (out / "metrics.md").read_text()
+    assert "| patient |" in markdown and "Secondary, not a headline" in markdown
     outcomes = (out / "vertebrae.csv").read_text().splitlines()
     assert len(outcomes) == 25 and outcomes[0].startswith("case,label,name,grade")
     # min_grade 2: grade-1 vertebrae become negatives
@@ -253,13 +257,178 @@ def test_centroid_noise_rescoring_is_seeded(tmp_path: Path) -> None:
     cases, pred_dir = _toy_cohort(tmp_path, with_map=True)
     options = {"cube_edge_mm": 6.0, "sigma_mm": None}
     clean = ev.evaluate_predictions(cases, pred_dir, tmp_path / "a", n_bootstrap=0, centroid_noise_mm=0.0)
-    noisy = ev.evaluate_predictions(cases, pred_dir, tmp_path / "b", n_bootstrap=0, centroid_noise_mm=3.0,
-                                    seed=1, score_options=options)
-    again = ev.evaluate_predictions(cases, pred_dir, tmp_path / "c", n_bootstrap=0, centroid_noise_mm=3.0,
-                                    seed=1, score_options=options)
+    noisy = ev.evaluate_predictions(cases, pred_dir, tmp_path / "b", n_bootstrap=20, centroid_noise_mm=3.0,
+                                    noise_draws=4, seed=1, score_options=options)
+    again = ev.evaluate_predictions(cases, pred_dir, tmp_path / "c", n_bootstrap=20, centroid_noise_mm=3.0,
+                                    noise_draws=4, seed=1, score_options=options)
     assert noisy["vertebra_auc"] == again["vertebra_auc"]
+    assert noisy["vertebra_centroid_noise"]["auc_per_draw"] == again["vertebra_centroid_noise"]["auc_per_draw"]
     assert (tmp_path / "b" / "vertebrae.csv").read_text() == (tmp_path / "c" / "vertebrae.csv").read_text()
-    assert (tmp_path / "a" / "vertebrae.csv").read_text() != (tmp_path / "b" / "vertebrae.csv").read_text()
-    # re-scored values come from the map: 17-voxel blobs mostly still cover a 6 mm cube moved by ~3 mm
+    # main = noisy (4 draws pooled), secondary = noise-free from the same maps
+    assert noisy["vertebra_centroid_noise"]["draws"] == 4 and noisy["vertebra_scores_from"] == "probabilities.nii.gz"
+    assert clean["vertebra_scores_from"] == "report.json"
+    arrays = np.load(tmp_path / "b" / "roc.npz")
+    assert arrays["vertebra_auc_per_draw"].shape == (4,) and "vertebra_noise_free_fpr" in arrays
+    # the maps hold round(score * 255) in 17-voxel blobs: a 6 mm cube at the centroid reads the score back
+    assert noisy["vertebra_map_vs_report_max_abs_difference"] <= 0.5 / 255 + 1e-6
+    assert noisy["vertebra_noise_free"]["auc"] == pytest.approx(clean["vertebra_auc"], abs=1e-9)
     assert noisy["vertebra_auc"] == pytest.approx(clean["vertebra_auc"], abs=0.15)
     assert noisy["centroid_noise_mm"] == 3.0
+    assert "same maps" in (tmp_path / "b" / "metrics.md").read_text()
+
+
+def test_map_scores_without_noise_reproduce_report_scores(tmp_path: Path) -> None:
+    """When the report was scored on the map that was saved, noise 0 gives back its scores exactly."""
+    from vfdetect.aggregate import vertebra_scores
+    from vfdetect.vertebrae import Vertebra
+    from vfdetect.volume import Volume
+
+    rng = np.random.default_rng(4)
+    steps = rng.integers(0, 256, size=(24, 26, 40)).astype(np.uint8)
+    stored = steps.astype(np.float32) * np.float32(1 / 255)  # what a uint8 map with slope 1/255 holds
+    vertebrae = [Vertebra(label, (11.3, 12.7, 8.0 + 9.5 * k)) for k, label in enumerate((18, 19, 20))]
+    options = {"cube_edge_mm": 8.0, "sigma_mm": 3.0}
+    scores = vertebra_scores(Volume(stored, np.eye(4)), vertebrae, **options)
+    folder = tmp_path / "pred" / "case0"
+    folder.mkdir(parents=True)
+    image = nib.Nifti1Image(np.stack([steps, steps], axis=-1), np.eye(4))
+    image.header.set_slope_inter(1 / 255, 0)
+    nib.save(image, folder / "probabilities.nii.gz")
+    (folder / "report.json").write_text(json.dumps({
+        "case": "case0", "patient_score": max(v["fracture_probability"] for v in scores),
+        "thresholds": {"cube_edge_mm": 8.0, "sigma_mm": 3.0},
+        "vertebrae": [{"label": v["label"], "fracture_probability": v["fracture_probability"],
+                       "centroid_mm": v["centroid_mm"]} for v in scores],
+        "component_sizes": {"probability_thresholds": [0.5], "largest_component_mm3": [10.0]},
+    }))
+    loaded = ev.load_predictions([_Case("case0", {18: 0, 19: 1, 20: 0})], tmp_path / "pred")
+    rescored = ev.map_vertebra_scores(loaded.vertebrae, loaded.report_dirs, 0.0, 2, None, loaded.score_options)
+    report_scores = np.array([r.fracture_probability for r in loaded.vertebrae])
+    np.testing.assert_allclose(rescored.clean, report_scores, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(rescored.noisy, np.vstack([rescored.clean, rescored.clean]))
+    jittered = ev.map_vertebra_scores(loaded.vertebrae, loaded.report_dirs, 3.0, 2, np.random.default_rng(0),
+                                      loaded.score_options)
+    np.testing.assert_array_equal(jittered.clean, rescored.clean)  # same map, same scoring
+    assert not np.allclose(jittered.noisy, rescored.noisy)
+
+
+# ----------------------------------------------------------------------------------------------
+# Honest intervals and decisions not tuned on the test cases
+# ----------------------------------------------------------------------------------------------
+
+
+def _records(n_cases: int = 30, seed: int = 0) -> tuple[list[ev.VertebraRecord], list[ev.PatientRecord]]:
+    rng = np.random.default_rng(seed)
+    vertebrae, patients = [], []
+    for i in range(n_cases):
+        grades = [int(rng.random() < 0.2) * 2 for _ in range(4)] if i % 3 else [0, 0, 0, 0]
+        for k, grade in enumerate(grades):
+            vertebrae.append(ev.VertebraRecord(f"c{i}", 18 + k, grade,
+                                               float(np.clip(0.3 + 0.3 * (grade > 0) + rng.normal(0, 0.2), 0, 1))))
+        size = 150.0 * (max(grades) > 0) + rng.normal(200, 150)
+        largest = (max(size, 0.0) * 2, max(size, 0.0), max(size - 150, 0.0))
+        patients.append(ev.PatientRecord(f"c{i}", max(grades), (0.3, 0.5, 0.7), largest,
+                                         patient_score=max(v.fracture_probability for v in vertebrae[-4:]),
+                                         patient_fracture=bool(size > 300), patient_threshold=0.5,
+                                         patient_rule="patient_score >= patient_threshold"))
+    return vertebrae, patients
+
+
+def test_headline_auc_has_percentile_interval_from_resamples() -> None:
+    vertebrae, patients = _records()
+    result = ev.evaluate_records(vertebrae, patients, n_bootstrap=300, seed=2)
+    metrics, arrays = result["metrics"], result["arrays"]
+    for level in ("vertebra", "patient"):
+        aucs = arrays[f"{level}_bootstrap_aucs"]
+        assert aucs.size == metrics[f"{level}_bootstrap"]["n_valid"] > 250
+        np.testing.assert_allclose(metrics[f"{level}_auc_interval95"], np.percentile(aucs, [2.5, 97.5]))
+        assert metrics[f"{level}_auc_sd"] == pytest.approx(aucs.std(ddof=1))
+        low, high = metrics[f"{level}_auc_interval95"]
+        assert low <= metrics[f"{level}_auc"] <= high
+        assert "percentile" in metrics[f"{level}_bootstrap"]["interval"]
+    # refitting the hull per resample can only raise each resample's AUC: it is labelled secondary
+    refitted = arrays["patient_refitted_bootstrap_aucs"]
+    assert refitted.shape == arrays["patient_bootstrap_aucs"].shape
+    assert np.all(refitted >= arrays["patient_bootstrap_aucs"] - 1e-12)
+    assert metrics["patient_auc_refitted_hull_mean"] > np.mean(arrays["patient_bootstrap_aucs"])
+    assert metrics["patient_refitted_hull_bootstrap"]["label"].startswith("secondary")
+    assert "optimistic" in metrics["patient_hull_best_point"]["note"]
+    assert "patient_auc_mean" not in metrics and "vertebra_auc_mean" not in metrics
+    json.dumps(json_safe(metrics), allow_nan=False)
+
+
+def test_fixed_hull_classifiers_on_all_cases_give_the_hull_auc() -> None:
+    roc = ev.patient_roc(PATIENT_TRUTH, PATIENT_LARGEST, PATIENT_THRESHOLDS)
+    calls = ev.hull_corner_calls(roc, PATIENT_LARGEST, PATIENT_THRESHOLDS)
+    assert calls.shape == (3, 4)  # (0, .5), (.5, 1) and the real classifier at (1, 1)
+    curve = ev.fixed_classifier_curve_for_resample(PATIENT_TRUTH, calls)
+    fpr, tpr = curve(np.arange(4))  # type: ignore[misc]
+    assert ev.trapezoid_area(fpr, tpr) == pytest.approx(roc.auc)
+    # the false positive drawn three times: (0, .5), (.75, 1), (1, 1) -> 0.8125; refitting never does worse
+    resample = np.array([0, 1, 2, 2, 2, 3])
+    fpr, tpr = curve(resample)  # type: ignore[misc]
+    assert ev.trapezoid_area(fpr, tpr) == pytest.approx(0.8125)
+    refit_fpr, refit_tpr = ev.patient_curve_for_resample(PATIENT_TRUTH, PATIENT_LARGEST, PATIENT_THRESHOLDS)(
+        resample)  # type: ignore[misc]
+    assert ev.trapezoid_area(refit_fpr, refit_tpr) >= 0.8125
+    assert curve(np.array([0, 1])) is None
+
+
+def test_report_decision_and_preset_thresholds_are_summarised() -> None:
+    vertebrae, patients = _records()
+    truth = np.array([p.max_grade >= 1 for p in patients])
+    calls = np.array([bool(p.patient_fracture) for p in patients])
+    cuts = {p.case: 0.55 for p in patients}
+    result = ev.evaluate_records(vertebrae, patients, n_bootstrap=0, patient_score_thresholds=cuts,
+                                 patient_threshold_note="chosen elsewhere")
+    rule = result["metrics"]["patient_fixed_rule"]
+    assert rule["recall"] == pytest.approx((calls & truth).sum() / truth.sum())
+    assert rule["specificity"] == pytest.approx((~calls & ~truth).sum() / (~truth).sum())
+    assert rule["thresholds"] == [0.5] and "fixed before seeing these cases" in rule["note"]
+    chosen = result["metrics"]["patient_training_threshold"]
+    scores = np.array([p.patient_score for p in patients])
+    assert chosen["true_positives"] == int(((scores >= 0.55) & truth).sum())
+    assert chosen["note"] == "chosen elsewhere"
+    assert result["metrics"]["patient_by_max_grade_calls"].startswith("report decision")
+    markdown = ev.metrics_markdown({**result["metrics"], "seed": 0})
+    assert "fixed before seeing these cases" in markdown and "chosen elsewhere" in markdown
+    with pytest.raises(VfdetectError, match="no patient score or no threshold"):
+        ev.evaluate_records(vertebrae, patients, n_bootstrap=0, patient_score_thresholds={})
+
+
+def test_youden_threshold_by_hand() -> None:
+    truth = [True, True, False, False, True]
+    # cut between 0.6 and 0.4: recall 2/3, specificity 1 (J 0.67); at 0.3: recall 1, specificity 0.5 (J 0.5)
+    assert ev.youden_threshold(truth, [0.9, 0.6, 0.4, 0.1, 0.3]) == pytest.approx(0.5)
+    assert ev.youden_threshold([True, False], [0.2, 0.8]) > 0.8  # nothing positive is best
+    assert ev.youden_threshold([True, False], [0.8, 0.2]) == pytest.approx(0.5)
+
+
+def test_old_and_new_report_keys_load(tmp_path: Path) -> None:
+    cases, pred_dir = _toy_cohort(tmp_path)  # older reports: patient_fracture_probability only
+    old = ev.load_predictions(cases, pred_dir).patients[0]
+    report = json.loads((pred_dir / "case0" / "report.json").read_text())
+    assert old.patient_score == report["patient_fracture_probability"] and old.patient_fracture is None
+    report.update(patient_score=0.61, patient_threshold=0.4, patient_rule="patient_score >= patient_threshold",
+                  patient_fracture=True)
+    del report["patient_fracture_probability"]
+    (pred_dir / "case0" / "report.json").write_text(json.dumps(report))
+    new = ev.load_predictions(cases, pred_dir).patients[0]
+    assert (new.patient_score, new.patient_threshold, new.patient_fracture) == (0.61, 0.4, True)
+    assert new.patient_rule == "patient_score >= patient_threshold"
+    report["patient_score"] = "a description, as older reports wrote"
+    report["patient_fracture_probability"] = 0.7
+    (pred_dir / "case0" / "report.json").write_text(json.dumps(report))
+    assert ev.load_predictions(cases, pred_dir).patients[0].patient_score == 0.7
+
+
+def test_min_grade_applies_to_vertebrae_and_patients() -> None:
+    vertebrae = [ev.VertebraRecord("a", 18, 1, 0.9), ev.VertebraRecord("a", 19, 0, 0.1),
+                 ev.VertebraRecord("b", 18, 2, 0.8), ev.VertebraRecord("b", 19, 0, 0.2),
+                 ev.VertebraRecord("c", 18, 0, 0.3)]
+    patients = [ev.PatientRecord(name, grade, (0.5,), (size,)) for name, grade, size in
+                (("a", 1, 100.0), ("b", 2, 200.0), ("c", 0, 0.0))]
+    strict = ev.evaluate_records(vertebrae, patients, n_bootstrap=0, min_grade=2)["metrics"]
+    assert strict["vertebra_counts"]["fractured"] == 1 and strict["patient_counts"]["positive"] == 1
+    loose = ev.evaluate_records(vertebrae, patients, n_bootstrap=0, min_grade=1)["metrics"]
+    assert loose["vertebra_counts"]["fractured"] == 2 and loose["patient_counts"]["positive"] == 2

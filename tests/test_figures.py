@@ -70,7 +70,9 @@ def _write_cohort(root: Path) -> tuple[list[FakeCase], Path]:
         nib.save(nib.Nifti1Image(labels, affine), folder / "labels.nii.gz")
         positive = any(g > 0 for g in grades.values())
         (folder / "report.json").write_text(json.dumps({
-            "vertebrae": vertebrae, "patient_fracture_probability": max(v["fracture_probability"] for v in vertebrae),
+            "vertebrae": vertebrae, "patient_score": max(v["fracture_probability"] for v in vertebrae),
+            "patient_threshold": 0.5, "patient_rule": "patient_score >= patient_threshold",
+            "patient_fracture": max(v["fracture_probability"] for v in vertebrae) >= 0.5,
             "component_sizes": {"probability_thresholds": [0.3, 0.6],
                                 "largest_component_mm3": [900.0 + i, 800.0] if positive else [90.0 + i, 0.0]},
         }))
@@ -156,3 +158,20 @@ def test_commands_evaluate_and_figures(evaluated: tuple[list[FakeCase], Path, Pa
     assert result.exit_code == 1 and "prediction folder not found" in result.output
     with pytest.raises(InputError, match="holds no metrics.json"):
         figures.draw_figures(tmp_path)
+
+
+def test_figure5_uses_the_centroid_noise_evaluation(evaluated: tuple[list[FakeCase], Path, Path],
+                                                    tmp_path: Path) -> None:
+    cases, pred_dir, _ = evaluated
+    folder = tmp_path / "cv"
+    ev.evaluate_predictions(cases, pred_dir, folder / "evaluation", n_bootstrap=30, seed=0)
+    noisy = ev.evaluate_predictions(cases, pred_dir, folder / "evaluation_centroid_noise", n_bootstrap=30, seed=0,
+                                    centroid_noise_mm=3.0, noise_draws=2)
+    assert noisy["vertebra_centroid_noise"]["draws"] == 2 and "vertebra_noise_free" in noisy
+    (folder / "cv.json").write_text("{}")
+    written = figures.draw_figures(folder, tmp_path / "fig", cases_per_figure=1)
+    names = {path.name for path in written}
+    assert {"figure4_patient_roc.png", "figure5_vertebra_roc.png", "figure5_vertebra_roc.pdf"} <= names
+    assert not any("centroid_noise" in name for name in names)
+    plain = json.loads((folder / "evaluation" / "metrics.json").read_text())
+    assert plain["patient_fixed_rule"]["thresholds"] == [0.5]

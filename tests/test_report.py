@@ -11,6 +11,7 @@ import pytest
 
 from vfdetect.report import (
     CSV_COLUMNS,
+    patient_score_of,
     render_overlay,
     write_report_csv,
     write_report_json,
@@ -21,7 +22,9 @@ from vfdetect.report import (
 def _report(case: str, scores: list[float]) -> dict:  # type: ignore[type-arg]
     return {
         "case": case,
-        "patient_fracture_probability": max(scores),
+        "patient_score": max(scores),
+        "patient_threshold": 0.5,
+        "patient_rule": "patient_score >= patient_threshold",
         "patient_fracture": max(scores) >= 0.5,
         "thresholds": {"probability": 0.5, "noise_mm3": 500.0},
         "vertebrae": [
@@ -44,6 +47,22 @@ def test_csv_and_summary_have_one_row_per_vertebra(tmp_path) -> None:  # type: i
     summary = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert len(summary) == 3 and tuple(summary[0]) == CSV_COLUMNS
     assert summary[2]["case"] == "b" and summary[2]["fracture_probability"] == ""
+    assert rows[0]["patient_score"] == "0.8" and rows[0]["patient_threshold"] == "0.5"
+    assert rows[0]["patient_rule"] == "patient_score >= patient_threshold"
+
+
+def test_older_reports_fill_the_new_columns(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    older = _report("a", [0.1, 0.8])
+    for key in ("patient_score", "patient_threshold", "patient_rule"):
+        del older[key]
+    older["patient_fracture_probability"] = 0.8
+    older["patient_score"] = "max vertebra fracture_probability"  # older reports described it in words
+    assert patient_score_of(older) == 0.8
+    write_report_csv(tmp_path / "a.csv", older)
+    row = next(csv.DictReader((tmp_path / "a.csv").open()))
+    assert row["patient_score"] == "0.8" and row["patient_threshold"] == ""
+    assert row["patient_rule"] == "largest component of p(fracture) >= 0.5 is at least 500 mm3"
+    assert patient_score_of({"patient_score": True}) is None
 
 
 def test_json_report_writes_nan_as_null(tmp_path) -> None:  # type: ignore[no-untyped-def]

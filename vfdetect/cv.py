@@ -8,6 +8,19 @@ test cases and evaluates them. A fold whose ``fold.json`` exists is finished and
 interrupted fold resumes (training from its checkpoint, prediction from the missing cases). At the
 end the out-of-fold predictions of all folds are pooled into one evaluation, as in the paper.
 
+Patient-level decisions are not tuned on the test cases: each fold chooses its threshold on the
+patient score (the highest vertebra score) from cases on its training side, by Youden's J
+(``patient_threshold_from``: ``"validation"``, the fold's validation cases, default;
+``"training"``, its training and validation cases, which are predicted for this and are optimistic
+for the model that was fitted on them; ``"model"``, the ``patient_threshold`` stored by the model in
+its reports). The threshold is applied to the fold's test cases; recall and specificity are given
+per fold and pooled (``patient_training_threshold`` in the pooled metrics). A fold whose chosen
+cases hold one class falls back to the model's threshold (recorded).
+
+Truth is the same everywhere: a vertebra is fractured when its Genant grade is at least
+``min_grade``, a patient positive when one of its vertebrae is (:func:`is_positive`, also the
+stratification of the folds).
+
 Model selection (paper section 3.2): the three variants (1slice, 5slices, 3d) trained on one seeded
 split (68/22 in the paper, i.e. about 24 % validation) with the same regime, compared on voxel
 accuracy and vertebra-level AUC on the validation cases; one validation case is recorded for the
@@ -18,7 +31,7 @@ The stages (label synthesis, training, prediction, evaluation) are injectable ca
 
 Output folder of :func:`run_cross_validation`::
 
-    splits.json  labels/  fold0/{run/, predictions/, evaluation/, fold.json}  ...
+    splits.json  labels/  fold0/{run/, predictions/, predictions_validation/, evaluation/, fold.json}  ...
     evaluation/ (pooled)  [evaluation_centroid_noise/]  cv.json
 """
 
@@ -36,6 +49,7 @@ import numpy as np
 
 from vfdetect.errors import InputError, VfdetectError
 from vfdetect.fileio import write_json_atomic, write_text_atomic
+from vfdetect.jsonutil import format_value, json_safe
 
 SPLITS_NAME = "splits.json"
 FOLD_DONE_NAME = "fold.json"
@@ -43,6 +57,8 @@ SPLITS_FORMAT = 1
 VARIANTS: tuple[str, ...] = ("1slice", "5slices", "3d")
 PAPER_MODEL_SELECTION_VALIDATION_FRACTION = 22 / 90
 """The paper's model-selection split: 68 training and 22 validation cases of 90."""
+PATIENT_THRESHOLD_SOURCES: tuple[str, ...] = ("validation", "training", "model")
+"""Where a fold's patient-level threshold comes from (see the module doc)."""
 
 
 def is_positive(case: Any, min_grade: int = 1) -> bool:
@@ -76,8 +92,15 @@ class CvConfig:
     validation_fraction: float = 0.15
     n_bootstrap: int = 1000
     centroid_noise_mm: float = 0.0
+    noise_draws: int = 10
+    patient_threshold_from: str = "validation"
 
     def __post_init__(self) -> None:
+        if self.noise_draws < 1:
+            raise VfdetectError(f"noise_draws must be >= 1, got {self.noise_draws}")
+        if self.patient_threshold_from not in PATIENT_THRESHOLD_SOURCES:
+            raise VfdetectError(f"patient_threshold_from must be one of {', '.join(PATIENT_THRESHOLD_SOURCES)}, "
+                                f"got {self.patient_threshold_from!r}")
         if self.n_folds < 2:
             raise VfdetectError(f"cross-validation needs at least 2 folds, got {self.n_folds}")
         if self.min_grade not in (1, 2, 3):
@@ -311,26 +334,119 @@ def _missing_predictions(cases: Sequence[Any], pred_dir: Path) -> list[Any]:
     return [case for case in cases if not (Path(pred_dir) / case.case / "report.json").is_file()]
 
 
+SUMMARY_KEYS: tuple[str, ...] = (
+    "vertebra_auc", "vertebra_auc_interval95", "vertebra_auc_sd", "vertebra_noise_free", "vertebra_centroid_noise",
+    "patient_auc", "patient_auc_interval95", "patient_auc_sd", "patient_auc_refitted_hull_mean", "patient_counts",
+    "vertebra_counts", "patient_fixed_rule", "patient_training_threshold", "patient_hull_best_point",
+)
+"""Metrics copied into fold.json and cv.json (headline values and intervals first)."""
+
+
 def _summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("vertebra_auc", "vertebra_auc_mean", "vertebra_auc_sd", "vertebra_auc_interval95", "patient_auc",
-            "patient_auc_mean", "patient_auc_sd", "patient_auc_interval95", "patient_counts", "vertebra_counts",
-            "patient_operating_point")
-    return {key: _clean(metrics.get(key)) for key in keys if key in metrics}
+    return {key: json_safe(metrics.get(key)) for key in SUMMARY_KEYS if key in metrics}
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
+def _read_report(path: Path) -> dict[str, Any]:
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(path, f"cannot read the prediction report ({error})") from None
+    if not isinstance(report, dict):
+        raise InputError(path, "not a prediction report")
+    return report
+
+
+def choose_patient_threshold(
+    cases: Sequence[Any], pred_dir: Path, min_grade: int = 1
+) -> dict[str, Any]:
+    """Threshold on the patient score chosen on ``cases`` (their reports in ``pred_dir``).
+
+    Youden's J on the reports' patient scores (:func:`vfdetect.evaluate.youden_threshold`) against
+    :func:`is_positive`. When the cases hold one class, the model's ``patient_threshold`` from
+    their reports is used instead (``fallback`` says why); ``threshold`` is None when neither
+    exists. Returns ``{"threshold", "cases", "positives", "negatives", "fallback"}``.
+    """
+    from vfdetect.evaluate import youden_threshold
+    from vfdetect.report import patient_score_of, patient_threshold_of
+
+    truth, scores, model_thresholds = [], [], set()
+    for case in cases:
+        path = Path(pred_dir) / case.case / "report.json"
+        report = _read_report(path)
+        score = patient_score_of(report)
+        if score is None:
+            raise InputError(path, "no patient score (patient_score) in the report")
+        truth.append(is_positive(case, min_grade))
+        scores.append(score)
+        model_threshold = patient_threshold_of(report)
+        if model_threshold is not None:
+            model_thresholds.add(model_threshold)
+    record: dict[str, Any] = {"cases": len(truth), "positives": sum(truth), "negatives": len(truth) - sum(truth),
+                              "fallback": None}
+    if any(truth) and not all(truth):
+        record["threshold"] = youden_threshold(np.array(truth), np.array(scores))
+    else:
+        record["threshold"] = min(model_thresholds) if len(model_thresholds) == 1 else None
+        record["fallback"] = ("the chosen cases hold one class; " + (
+            "the model's patient_threshold is used" if record["threshold"] is not None
+            else "the reports state no single patient_threshold: no threshold"))
+    return record
+
+
+def _test_decisions(cases: Sequence[Any], pred_dir: Path, threshold: float, min_grade: int) -> dict[str, Any]:
+    """Recall and specificity of ``patient_score >= threshold`` on ``cases``."""
+    from vfdetect.evaluate import decision_summary
+    from vfdetect.report import patient_score_of
+
+    truth, calls = [], []
+    for case in cases:
+        score = patient_score_of(_read_report(Path(pred_dir) / case.case / "report.json"))
+        truth.append(is_positive(case, min_grade))
+        calls.append(score is not None and score >= threshold)
+    return json_safe(decision_summary(np.array(truth, dtype=bool), np.array(calls, dtype=bool)))
 
 
 # ----------------------------------------------------------------------------------------------
 # Cross-validation
 # ----------------------------------------------------------------------------------------------
+
+
+def fold_patient_threshold(fold: Fold, by_name: Mapping[str, Any], fold_dir: Path, stages: Stages, config: CvConfig,
+                           say: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """The fold's patient-score threshold, chosen without its test cases (``config.patient_threshold_from``).
+
+    ``"validation"`` / ``"training"`` predict the fold's validation (and training) cases into
+    ``fold_dir/predictions_<source>/`` when not done yet, choose by Youden's J
+    (:func:`choose_patient_threshold`) and add the recall and specificity on the fold's test
+    cases; ``"model"`` takes the model's ``patient_threshold`` from the test reports (fixed when
+    the model was saved). Returns a JSON-ready record with ``threshold`` (None when none could be
+    had), ``source``, ``note`` and ``test`` (the test-fold decisions).
+    """
+    source = config.patient_threshold_from
+    test_dir = Path(fold_dir) / "predictions"
+    test_cases = [by_name[name] for name in fold.test]
+    if source == "model":
+        from vfdetect.report import patient_threshold_of
+
+        found = {patient_threshold_of(_read_report(test_dir / c.case / "report.json")) for c in test_cases}
+        record: dict[str, Any] = {"threshold": found.pop() if len(found) == 1 else None, "fallback": None,
+                                  "cases": 0}
+        note = "the model's patient_threshold, fixed before seeing the test cases"
+    else:
+        names = fold.validation if source == "validation" else fold.train + fold.validation
+        chosen_cases = [by_name[name] for name in names]
+        pred_dir = Path(fold_dir) / f"predictions_{source}"
+        missing = _missing_predictions(chosen_cases, pred_dir)
+        if missing:
+            say(f"fold {fold.index}: predicting {len(missing)} {source} case(s) to choose the patient threshold")
+            stages.predict(Path(fold_dir) / "run", missing, pred_dir)
+        record = choose_patient_threshold(chosen_cases, pred_dir, config.min_grade) if chosen_cases else {
+            "threshold": None, "cases": 0, "fallback": "no case to choose on"}
+        note = f"chosen per fold on its {source} cases (Youden's J of patient_score)"
+    record.update(source=source, note=note)
+    if record["threshold"] is not None:
+        record["test"] = _test_decisions(test_cases, test_dir, record["threshold"], config.min_grade)
+    return json_safe(record)
 
 
 @dataclass
@@ -364,7 +480,8 @@ def run_cross_validation(
     say(f"label images -> {labels_dir}")
     ensure_labels(cases, labels_dir, stages)
     result = CvResult(folds, {}, None)
-    evaluation_options = {"min_grade": config.min_grade, "n_bootstrap": config.n_bootstrap, "seed": config.seed}
+    evaluation_options: dict[str, Any] = {"min_grade": config.min_grade, "n_bootstrap": config.n_bootstrap,
+                                          "seed": config.seed}
     for fold in folds:
         fold_dir = out_dir / f"fold{fold.index}"
         done = fold_dir / FOLD_DONE_NAME
@@ -386,24 +503,41 @@ def run_cross_validation(
         still_missing = _missing_predictions(test_cases, pred_dir)
         if still_missing:
             raise VfdetectError(f"fold {fold.index}: no prediction report for {', '.join(c.case for c in still_missing)}")
-        metrics = stages.evaluate(test_cases, [pred_dir], fold_dir / "evaluation", **evaluation_options)
+        threshold = fold_patient_threshold(fold, by_name, fold_dir, stages, config, say)
+        fold_options = dict(evaluation_options)
+        if threshold.get("threshold") is not None:
+            fold_options.update(patient_score_thresholds={name: threshold["threshold"] for name in fold.test},
+                                patient_threshold_note=threshold["note"])
+        metrics = stages.evaluate(test_cases, [pred_dir], fold_dir / "evaluation", **fold_options)
         seconds = time.perf_counter() - started
         result.fold_seconds[fold.index] = seconds
         write_json_atomic(done, {"fold": fold.index, "test": list(fold.test), "seconds": round(seconds, 1),
-                                 "metrics": _summary(metrics)})
+                                 "patient_threshold": threshold, "metrics": _summary(metrics)})
+    fold_records = []
+    thresholds: dict[str, float] = {}
+    notes = set()
+    for fold in folds:
+        fold_dir = out_dir / f"fold{fold.index}"
+        try:
+            record = json.loads((fold_dir / FOLD_DONE_NAME).read_text())
+        except (OSError, ValueError):
+            record = {"fold": fold.index}
+        if "patient_threshold" not in record:  # a fold finished before thresholds were chosen
+            record["patient_threshold"] = fold_patient_threshold(fold, by_name, fold_dir, stages, config, say)
+        fold_records.append(record)
+        if record["patient_threshold"].get("threshold") is not None:
+            thresholds.update({name: record["patient_threshold"]["threshold"] for name in fold.test})
+            notes.add(record["patient_threshold"]["note"])
     say("pooling the out-of-fold predictions")
     test_cases = [by_name[name] for fold in folds for name in fold.test]
     pred_dirs = [out_dir / f"fold{fold.index}" / "predictions" for fold in folds]
+    if len(thresholds) == len(test_cases):
+        evaluation_options.update(patient_score_thresholds=thresholds, patient_threshold_note="; ".join(sorted(notes)))
     result.pooled_metrics = stages.evaluate(test_cases, pred_dirs, out_dir / "evaluation", **evaluation_options)
     if config.centroid_noise_mm > 0:
         result.noisy_metrics = stages.evaluate(test_cases, pred_dirs, out_dir / "evaluation_centroid_noise",
-                                               centroid_noise_mm=config.centroid_noise_mm, **evaluation_options)
-    fold_records = []
-    for fold in folds:
-        try:
-            fold_records.append(json.loads((out_dir / f"fold{fold.index}" / FOLD_DONE_NAME).read_text()))
-        except (OSError, ValueError):
-            fold_records.append({"fold": fold.index})
+                                               centroid_noise_mm=config.centroid_noise_mm,
+                                               noise_draws=config.noise_draws, **evaluation_options)
     write_json_atomic(out_dir / "cv.json", {
         "experiment": "cross_validation",
         "settings": asdict(config),
@@ -584,7 +718,7 @@ def run_model_selection(
         row = {
             "variant": variant,
             "seconds": round(time.perf_counter() - started, 1),
-            "voxels": _clean(validation_voxel_agreement(validation_cases, pred_dir, labels_dir)),
+            "voxels": json_safe(validation_voxel_agreement(validation_cases, pred_dir, labels_dir)),
             **training_log_summary(run_dir),
             **_summary(metrics),
         }
@@ -605,13 +739,15 @@ def run_model_selection(
     return document
 
 
+def _interval(values: Any) -> str:
+    low, high = values if isinstance(values, list | tuple) and len(values) == 2 else (None, None)
+    return f"{format_value(low)} - {format_value(high)}"
+
+
 def model_selection_markdown(document: Mapping[str, Any]) -> str:
     """Readable comparison table of :func:`run_model_selection`."""
 
-    def fmt(value: Any) -> str:
-        if value is None or (isinstance(value, float) and not math.isfinite(value)):
-            return "n/a"
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
+    fmt = format_value
 
     lines = [
         "# Model selection (paper section 3.2, Table 1)",
@@ -620,7 +756,8 @@ def model_selection_markdown(document: Mapping[str, Any]) -> str:
         f"Figure 3 case: {document['figure3_case']}.",
         "",
         "| variant | trainable parameters | validation voxel accuracy | accuracy inside vertebrae | "
-        "mean class recall | best validation segment accuracy | vertebra AUC (+- sd) | patient AUC | time (s) |",
+        "mean class recall | best validation segment accuracy | vertebra AUC (95 % interval) | patient AUC (95 % "
+        "interval) | time (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in document["variants"]:
@@ -629,7 +766,8 @@ def model_selection_markdown(document: Mapping[str, Any]) -> str:
             f"| {row['variant']} | {fmt(row.get('trainable_parameters'))} | {fmt(voxels.get('accuracy'))} | "
             f"{fmt(voxels.get('vertebra_accuracy'))} | {fmt(voxels.get('mean_class_recall'))} | "
             f"{fmt(row.get('best_validation_segment_accuracy'))} | {fmt(row.get('vertebra_auc'))} "
-            f"(+- {fmt(row.get('vertebra_auc_sd'))}) | {fmt(row.get('patient_auc'))} | {fmt(row.get('seconds'))} |"
+            f"({_interval(row.get('vertebra_auc_interval95'))}) | {fmt(row.get('patient_auc'))} "
+            f"({_interval(row.get('patient_auc_interval95'))}) | {fmt(row.get('seconds'))} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -32,7 +32,7 @@ import io
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,15 @@ import numpy as np
 
 from vfdetect.errors import InputError, VfdetectError
 from vfdetect.fileio import atomic_path, write_json_atomic, write_text_atomic
+from vfdetect.jsonutil import format_value, json_safe
+from vfdetect.report import patient_rule_of, patient_score_of, patient_threshold_of
 
 DEFAULT_FPR_GRID_POINTS = 101
 REPORT_NAME = "report.json"
 PROBABILITIES_NAME = "probabilities.nii.gz"
 METRICS_NAME = "metrics.json"
+DEFAULT_NOISE_DRAWS = 10
+"""Draws of centroid noise pooled into the vertebra-level ROC when noise is asked for."""
 PATIENT_OPERATING_NOISE_THRESHOLDS_MM3: tuple[float, ...] = (0.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0,
                                                              1000.0, 2500.0, 5000.0, 10000.0)
 """Noise thresholds of the readable operating-point table (the hull itself uses every distinct size)."""
@@ -367,6 +371,8 @@ class BootstrapResult:
     fpr_grid: np.ndarray
     tpr_mean: np.ndarray
     tpr_sd: np.ndarray
+    tpr_low: np.ndarray           # pointwise 2.5 % percentile of the resampled curves
+    tpr_high: np.ndarray          # pointwise 97.5 % percentile
 
     @property
     def n_valid(self) -> int:
@@ -434,10 +440,10 @@ def bootstrap_roc(
         stack = np.vstack(tprs)
         tpr_mean = stack.mean(axis=0)
         tpr_sd = stack.std(axis=0, ddof=1) if len(tprs) > 1 else np.zeros(grid.size)
+        tpr_low, tpr_high = np.percentile(stack, [2.5, 97.5], axis=0)
     else:
-        tpr_mean = np.full(grid.size, np.nan)
-        tpr_sd = np.full(grid.size, np.nan)
-    return BootstrapResult(np.asarray(aucs), len(resamples), single_class, grid, tpr_mean, tpr_sd)
+        tpr_mean = tpr_sd = tpr_low = tpr_high = np.full(grid.size, np.nan)
+    return BootstrapResult(np.asarray(aucs), len(resamples), single_class, grid, tpr_mean, tpr_sd, tpr_low, tpr_high)
 
 
 def vertebra_curve_for_resample(
@@ -466,10 +472,57 @@ def vertebra_curve_for_resample(
     return curve
 
 
+def fixed_classifier_curve_for_resample(
+    truth: np.ndarray, calls: np.ndarray
+) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+    """Curve function for :func:`bootstrap_roc` that re-evaluates fixed classifiers on each resample.
+
+    ``calls[k, i]`` is classifier ``k``'s decision on case ``i`` (for the patient level: the
+    classifiers at the corners of the hull fitted once on all cases). Per resample each classifier
+    gets its (FPR, TPR); the curve runs through these points and the trivial corners (0, 0) and
+    (1, 1), ordered by FPR (then TPR). Nothing is chosen on the resample: no hull is refitted, so
+    a classifier that does worse on a resample pulls its curve down.
+    """
+    truth = _as_truth(truth)
+    calls = np.asarray(calls, dtype=bool).reshape(-1, truth.size)
+
+    def curve(cases: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        sample_truth = truth[cases]
+        positives = int(sample_truth.sum())
+        negatives = sample_truth.size - positives
+        if positives == 0 or negatives == 0:
+            return None
+        sample_calls = calls[:, cases]
+        tpr = np.r_[0.0, (sample_calls & sample_truth).sum(axis=1) / positives, 1.0]
+        fpr = np.r_[0.0, (sample_calls & ~sample_truth).sum(axis=1) / negatives, 1.0]
+        order = np.lexsort((tpr, fpr))
+        return fpr[order], tpr[order]
+
+    return curve
+
+
+def hull_corner_calls(proc: PatientRoc, largest_mm3: np.ndarray, probability_thresholds: np.ndarray) -> np.ndarray:
+    """(corners, cases) decisions of the classifiers at the non-trivial corners of a patient hull."""
+    largest = np.asarray(largest_mm3, dtype=np.float64)
+    thresholds = [float(t) for t in np.asarray(probability_thresholds, dtype=np.float64)]
+    rows = []
+    for index in proc.hull_point_index:
+        if index < 0:
+            continue
+        column = thresholds.index(float(proc.points.probability_threshold[index]))
+        rows.append(patient_calls(largest[:, column], float(proc.points.noise_threshold_mm3[index])))
+    return np.array(rows, dtype=bool).reshape(len(rows), largest.shape[0])
+
+
 def patient_curve_for_resample(
     truth: np.ndarray, largest_mm3: np.ndarray, probability_thresholds: np.ndarray
 ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
-    """Curve function for :func:`bootstrap_roc`: the convex-hull patient ROC of each resample."""
+    """Curve function for :func:`bootstrap_roc`: the convex hull refitted on each resample.
+
+    Refitting picks the best classifiers of every resample, so the mean of these AUCs is higher
+    than the hull AUC on all cases by construction; :func:`evaluate_records` reports it only as a
+    secondary figure (the interval comes from :func:`fixed_classifier_curve_for_resample`).
+    """
     truth = _as_truth(truth)
     largest = np.asarray(largest_mm3, dtype=np.float64)
 
@@ -559,13 +612,22 @@ class VertebraRecord:
 
 @dataclass(frozen=True)
 class PatientRecord:
-    """One case: highest reference grade and its saved component sizes."""
+    """One case: highest reference grade, its saved component sizes and the report's decision.
+
+    ``patient_score`` is the report's patient score (highest vertebra score; ``None`` when the
+    report has none); ``patient_fracture`` the decision the report states, made by
+    ``patient_rule`` with ``patient_threshold`` (fixed when the model was saved, before these
+    cases were seen).
+    """
 
     case: str
     max_grade: int
     probability_thresholds: tuple[float, ...]
     largest_component_mm3: tuple[float, ...]
-    patient_fracture_probability: float | None = None
+    patient_score: float | None = None
+    patient_fracture: bool | None = None
+    patient_threshold: float | None = None
+    patient_rule: str | None = None
 
 
 @dataclass
@@ -655,12 +717,109 @@ def load_predictions(cases: Sequence[Any], pred_dirs: Path | Sequence[Path]) -> 
                                           "largest_component_mm3 (needed for the patient-level ROC)") from None
         if len(thresholds) != len(largest) or not thresholds:
             raise InputError(report_path, "component_sizes: thresholds and sizes differ in length or are empty")
-        patient_probability = report.get("patient_fracture_probability")
+        decision = report.get("patient_fracture")
         loaded.patients.append(PatientRecord(
             name, max(grades.values()), thresholds, largest,
-            float(patient_probability) if patient_probability is not None else None,
+            patient_score=patient_score_of(report),
+            patient_fracture=decision if isinstance(decision, bool) else None,
+            patient_threshold=patient_threshold_of(report),
+            patient_rule=patient_rule_of(report),
         ))
     return loaded
+
+
+def read_fracture_map(path: Path) -> Any:
+    """Channel 0 (p(fracture)) of a saved ``probabilities.nii.gz`` as a :class:`vfdetect.volume.Volume`.
+
+    The file stores probabilities as uint8 with ``scl_slope`` 1/255 on the input scan's grid; the
+    values read are these stored steps (not the float map the prediction scored on).
+    """
+    import nibabel as nib
+
+    from vfdetect.volume import Volume
+
+    if not Path(path).is_file():
+        raise InputError(path, "probability map not found (re-scoring the vertebrae needs it)")
+    try:
+        image: Any = nib.load(str(path))
+        # Slicing the data object applies scl_slope/scl_inter.
+        data = np.asarray(image.dataobj[..., 0] if len(image.shape) == 4 else image.dataobj, dtype=np.float32)
+    except Exception as error:  # nibabel raises many kinds
+        raise InputError(path, f"cannot read the probability map ({error})") from None
+    return Volume(data, np.asarray(image.affine, dtype=np.float64))
+
+
+@dataclass(frozen=True, eq=False)
+class MapScores:
+    """Vertebra scores re-computed from the saved probability maps, in the order of the records.
+
+    ``clean[k]`` scores vertebra ``k`` at its own centroid; ``noisy[d, k]`` after noise draw ``d``
+    (``noisy`` has no rows without noise). Both come from the same map, the same grid and the same
+    scoring options, so their difference is the centroid noise alone.
+    """
+
+    clean: np.ndarray
+    noisy: np.ndarray
+    sd_mm: float
+
+    @property
+    def n_draws(self) -> int:
+        return int(self.noisy.shape[0])
+
+
+def map_vertebra_scores(
+    records: Sequence[VertebraRecord],
+    report_dirs: Mapping[str, Path],
+    sd_mm: float = 0.0,
+    n_draws: int = 0,
+    rng: np.random.Generator | None = None,
+    case_score_options: Mapping[str, Mapping[str, Any]] | None = None,
+    **score_options: Any,
+) -> MapScores:
+    """Score every vertebra from its case's saved ``probabilities.nii.gz``, at its centroid and after
+    ``n_draws`` draws of Gaussian centroid noise (sd ``sd_mm`` per axis, paper: 3 mm).
+
+    All noise is drawn at once from ``rng``, shape ``(n_draws, vertebrae, 3)`` in the order of
+    ``records``. A centroid whose cube lies wholly outside the map scores 0 (no evidence of a
+    fracture). The scoring options of each case (``cube_edge_mm``, ``sigma_mm``) come from
+    ``case_score_options[case]`` (what the prediction used), overridden by ``score_options``; they
+    go to :func:`vfdetect.aggregate.vertebra_scores`.
+    """
+    from vfdetect.aggregate import vertebra_scores
+    from vfdetect.vertebrae import Vertebra
+
+    if sd_mm < 0 or not math.isfinite(sd_mm):
+        raise VfdetectError(f"centroid noise sd must be finite and >= 0, got {sd_mm}")
+    if n_draws < 0:
+        raise VfdetectError("the number of noise draws must be >= 0")
+    centroids = np.zeros((len(records), 3))
+    by_case: dict[str, list[int]] = {}
+    for k, record in enumerate(records):
+        if record.centroid_mm is None:
+            raise VfdetectError(f"case {record.case}: vertebra {record.label} has no centroid_mm in its report; "
+                                "re-scoring from the map needs it")
+        centroids[k] = record.centroid_mm
+        by_case.setdefault(record.case, []).append(k)
+    generator = rng if rng is not None else np.random.default_rng(0)
+    noise = generator.normal(0.0, sd_mm, size=(n_draws, len(records), 3)) if sd_mm > 0 else np.zeros(
+        (n_draws, len(records), 3))
+    clean = np.zeros(len(records))
+    noisy = np.zeros((n_draws, len(records)))
+    for case, members in by_case.items():
+        volume = read_fracture_map(Path(report_dirs[case]) / PROBABILITIES_NAME)
+        options = {**dict((case_score_options or {}).get(case, {})), **score_options}
+
+        def score(points: np.ndarray, members: list[int] = members, volume: Any = volume,
+                  options: dict[str, Any] = options) -> np.ndarray:
+            vertebrae = [Vertebra(records[k].label, (float(p[0]), float(p[1]), float(p[2])))
+                         for k, p in zip(members, points, strict=True)]
+            values = np.array([float(v["fracture_probability"]) for v in vertebra_scores(volume, vertebrae, **options)])
+            return np.where(np.isfinite(values), values, 0.0)
+
+        clean[members] = score(centroids[members])
+        for draw in range(n_draws):
+            noisy[draw, members] = score(centroids[members] + noise[draw, members])
+    return MapScores(clean, noisy, float(sd_mm))
 
 
 def rescore_with_centroid_noise(
@@ -671,50 +830,10 @@ def rescore_with_centroid_noise(
     case_score_options: Mapping[str, Mapping[str, Any]] | None = None,
     **score_options: Any,
 ) -> list[VertebraRecord]:
-    """Re-score every vertebra from its case's saved probability map after jittering its centroid.
-
-    Noise is drawn case by case in the order of ``records`` (seeded by ``rng``). A centroid pushed so
-    far that its whole cube leaves the map scores 0 (no evidence of a fracture). The scoring options
-    of each case (``cube_edge_mm``, ``sigma_mm``) come from ``case_score_options[case]`` (what the
-    prediction used), overridden by ``score_options``; they go to
-    :func:`vfdetect.aggregate.vertebra_scores`.
-    """
-    import nibabel as nib
-
-    from vfdetect.aggregate import vertebra_scores
-    from vfdetect.vertebrae import Vertebra
-    from vfdetect.volume import Volume
-
-    by_case: dict[str, list[int]] = {}
-    for k, record in enumerate(records):
-        if record.centroid_mm is None:
-            raise VfdetectError(f"case {record.case}: vertebra {record.label} has no centroid_mm in its report; "
-                                "centroid noise needs it")
-        by_case.setdefault(record.case, []).append(k)
-    rescored = list(records)
-    for case, members in by_case.items():
-        path = Path(report_dirs[case]) / PROBABILITIES_NAME
-        if not path.is_file():
-            raise InputError(path, "probability map not found (centroid noise re-scores from it)")
-        try:
-            image: Any = nib.load(str(path))
-            # Channel 0 = p(fracture); slicing the data object applies scl_slope/scl_inter.
-            data = np.asarray(image.dataobj[..., 0] if len(image.shape) == 4 else image.dataobj, dtype=np.float32)
-        except Exception as error:  # nibabel raises many kinds
-            raise InputError(path, f"cannot read the probability map ({error})") from None
-        volume = Volume(data, np.asarray(image.affine, dtype=np.float64))
-        centroids = np.array([records[k].centroid_mm for k in members], dtype=np.float64)
-        jittered = jitter_centroids(centroids, sd_mm, rng)
-        vertebrae = [Vertebra(records[k].label, (float(point[0]), float(point[1]), float(point[2])))
-                     for k, point in zip(members, jittered, strict=True)]
-        options = {**dict((case_score_options or {}).get(case, {})), **score_options}
-        scores = vertebra_scores(volume, vertebrae, **options)
-        for k, score, point in zip(members, scores, jittered, strict=True):
-            value = float(score["fracture_probability"])
-            rescored[k] = VertebraRecord(records[k].case, records[k].label, records[k].grade,
-                                         value if math.isfinite(value) else 0.0,
-                                         (float(point[0]), float(point[1]), float(point[2])))
-    return rescored
+    """The records with scores from one draw of centroid noise (:func:`map_vertebra_scores`)."""
+    scores = map_vertebra_scores(records, report_dirs, sd_mm, 1, rng, case_score_options, **score_options)
+    return [VertebraRecord(r.case, r.label, r.grade, float(value), r.centroid_mm)
+            for r, value in zip(records, scores.noisy[0], strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -739,14 +858,60 @@ def _common_thresholds(patients: Sequence[PatientRecord]) -> tuple[np.ndarray, n
     return thresholds, table
 
 
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_nan_to_none(v) for v in value]
-    return value
+PERCENTILE_INTERVAL = "percentile interval: 2.5 % and 97.5 % of the AUCs over the case resamples"
+FIXED_HULL_METHOD = ("the classifiers at the corners of the hull fitted once on all cases, re-evaluated on every "
+                     "case resample (no refitting)")
+REFITTED_HULL_LABEL = ("secondary: mean AUC of hulls refitted on every resample; each resample picks its own best "
+                       "classifiers, so this is higher than the all-case hull AUC by construction")
+FIXED_RULE_NOTE = "threshold fixed before seeing these cases (stored in each report by the prediction)"
+
+
+def decision_summary(truth: Sequence[bool] | np.ndarray, calls: Sequence[bool] | np.ndarray) -> dict[str, Any]:
+    """Recall, specificity and the four counts of yes/no ``calls`` against ``truth``."""
+    truth = _as_truth(truth)
+    calls = np.asarray(calls, dtype=bool)
+    if calls.shape != truth.shape:
+        raise VfdetectError(f"calls have shape {calls.shape}, expected {truth.shape} like the truth")
+    tp, fp = int((calls & truth).sum()), int((calls & ~truth).sum())
+    fn, tn = int((~calls & truth).sum()), int((~calls & ~truth).sum())
+    return {"recall": tp / (tp + fn) if tp + fn else None, "specificity": tn / (tn + fp) if tn + fp else None,
+            "true_positives": tp, "false_positives": fp, "false_negatives": fn, "true_negatives": tn,
+            "cases": int(truth.size)}
+
+
+def youden_threshold(truth: Sequence[bool] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
+    """Cut on ``scores`` ("score >= cut" is positive) maximising Youden's J = recall + specificity - 1.
+
+    The cut lies midway between the lowest score called positive and the next lower score, so it
+    does not sit on a case of the data it was chosen on; when everything is called positive it is
+    the lowest score, when nothing is, just above the highest. Ties of J go to the higher cut
+    (higher specificity). Raises :class:`VfdetectError` when ``truth`` holds a single class.
+    """
+    roc = roc_curve(truth, scores)
+    best = int(np.argmax(roc.tpr - roc.fpr))  # first maximum: the highest cut
+    cuts = roc.thresholds
+    if best == 0:
+        return float(np.nextafter(cuts[1], np.inf))
+    if best + 1 < cuts.size:
+        return float((cuts[best] + cuts[best + 1]) / 2.0)
+    return float(cuts[best])
+
+
+def _bootstrap_fields(prefix: str, boot: BootstrapResult, method: str) -> dict[str, Any]:
+    return {f"{prefix}_auc_interval95": list(boot.auc_interval95), f"{prefix}_auc_sd": boot.auc_sd,
+            f"{prefix}_bootstrap": {**boot.summary(), "interval": PERCENTILE_INTERVAL, "method": method}}
+
+
+def _vertebra_roc(truth: np.ndarray, score_rows: np.ndarray, case_index: np.ndarray, resamples: np.ndarray,
+                  grid: np.ndarray) -> tuple[RocCurve, BootstrapResult]:
+    """ROC of all rows of ``score_rows`` (draws, vertebrae) pooled, and its case bootstrap."""
+    draws = score_rows.shape[0]
+    pooled_truth = np.tile(truth, draws)
+    pooled_scores = score_rows.reshape(-1)
+    pooled_cases = np.tile(case_index, draws)
+    roc = roc_curve(pooled_truth, pooled_scores)
+    boot = bootstrap_roc(resamples, vertebra_curve_for_resample(pooled_truth, pooled_scores, pooled_cases), grid)
+    return roc, boot
 
 
 def evaluate_records(
@@ -758,8 +923,29 @@ def evaluate_records(
     seed: int = 0,
     vertebra_threshold: float = 0.5,
     fpr_grid: np.ndarray | None = None,
+    noisy_scores: np.ndarray | None = None,
+    centroid_noise_mm: float = 0.0,
+    patient_score_thresholds: Mapping[str, float] | None = None,
+    patient_threshold_note: str = "",
 ) -> dict[str, Any]:
     """All metrics from matched records (pure; no files).
+
+    Headline figures are point estimates on all cases with a percentile bootstrap interval (2.5 %
+    and 97.5 % of the AUCs over ``n_bootstrap`` case resamples; a case's vertebrae stay together)
+    and the bootstrap sd. The patient-level interval re-evaluates the classifiers at the corners of
+    the all-case hull on every resample; the mean of hulls refitted per resample is kept as a
+    labelled secondary figure (optimistic by construction).
+
+    ``noisy_scores`` (draws, vertebrae), when given, are the vertebra scores after that many draws
+    of centroid noise of sd ``centroid_noise_mm``; the main vertebra ROC is then the ROC of all draws
+    pooled (TPR and FPR at each score cut averaged over the draws) and the ROC of the records' own
+    scores (noise-free, from the same map) is secondary. Tables per grade and level always use the
+    records' scores, one row per vertebra.
+
+    ``patient_score_thresholds`` (case -> cut on the patient score, chosen without the case, e.g.
+    on a cross-validation fold's training side) adds the decisions ``patient_score >= cut``,
+    described by ``patient_threshold_note``. The decision stored in the reports
+    (``patient_fracture``) is always summarised when every report has one.
 
     Returns a dict with the JSON-friendly ``metrics`` and the numpy ``arrays`` (ROC curves, hull,
     bootstrap means and bands) that :func:`write_evaluation` saves.
@@ -783,35 +969,47 @@ def evaluate_records(
     metrics["vertebra_counts"] = {"vertebrae": int(truth.size), "fractured": int(truth.sum()),
                                   "normal": int((~truth).sum()),
                                   "per_grade": {str(g): int((grades == g).sum()) for g in range(4)}}
+    if noisy_scores is not None:
+        noisy_scores = np.asarray(noisy_scores, dtype=np.float64).reshape(-1, truth.size)
+        if noisy_scores.shape[0] < 1:
+            raise VfdetectError("noisy_scores needs at least one draw")
+    main_rows = noisy_scores if noisy_scores is not None else scores[None, :]
     if has_both_classes(truth):
-        roc = roc_curve(truth, scores)
-        arrays.update(vertebra_fpr=roc.fpr, vertebra_tpr=roc.tpr, vertebra_thresholds=roc.thresholds)
         vertebra_case = np.array([case_position[v.case] for v in vertebrae], dtype=np.int64)
-        boot = bootstrap_roc(resamples, vertebra_curve_for_resample(truth, scores, vertebra_case), grid)
-        arrays.update(vertebra_tpr_mean=boot.tpr_mean, vertebra_tpr_sd=boot.tpr_sd, vertebra_bootstrap_aucs=boot.aucs)
+        roc, boot = _vertebra_roc(truth, main_rows, vertebra_case, resamples, grid)
+        arrays.update(vertebra_fpr=roc.fpr, vertebra_tpr=roc.tpr, vertebra_thresholds=roc.thresholds,
+                      vertebra_tpr_mean=boot.tpr_mean, vertebra_tpr_sd=boot.tpr_sd,
+                      vertebra_tpr_low=boot.tpr_low, vertebra_tpr_high=boot.tpr_high,
+                      vertebra_bootstrap_aucs=boot.aucs)
         youden = int(np.argmax(roc.tpr - roc.fpr))
-        metrics.update(
-            vertebra_auc=roc.auc,
-            vertebra_auc_mean=boot.auc_mean,
-            vertebra_auc_sd=boot.auc_sd,
-            vertebra_auc_interval95=list(boot.auc_interval95),
-            vertebra_bootstrap=boot.summary(),
-            vertebra_youden_point={"threshold": float(roc.thresholds[youden]), "recall": float(roc.tpr[youden]),
-                                   "specificity": float(1 - roc.fpr[youden])},
-        )
+        metrics["vertebra_auc"] = roc.auc
+        metrics.update(_bootstrap_fields("vertebra", boot, "vertebrae resampled with their cases"))
+        metrics["vertebra_youden_point"] = {"threshold": float(roc.thresholds[youden]),
+                                            "recall": float(roc.tpr[youden]),
+                                            "specificity": float(1 - roc.fpr[youden]),
+                                            "note": "chosen on these cases (optimistic)"}
+        if noisy_scores is not None:
+            per_draw = np.array([roc_auc(truth, row) for row in noisy_scores])
+            clean_roc, clean_boot = _vertebra_roc(truth, scores[None, :], vertebra_case, resamples, grid)
+            arrays.update(vertebra_noise_free_fpr=clean_roc.fpr, vertebra_noise_free_tpr=clean_roc.tpr,
+                          vertebra_noise_free_tpr_mean=clean_boot.tpr_mean,
+                          vertebra_noise_free_bootstrap_aucs=clean_boot.aucs, vertebra_auc_per_draw=per_draw)
+            metrics["vertebra_centroid_noise"] = {
+                "sd_mm": centroid_noise_mm, "draws": int(noisy_scores.shape[0]),
+                "roc": "all draws pooled: TPR and FPR at each score cut averaged over the draws",
+                "auc_per_draw": per_draw.tolist(), "auc_per_draw_mean": float(per_draw.mean()),
+                "auc_per_draw_range": [float(per_draw.min()), float(per_draw.max())],
+            }
+            metrics["vertebra_noise_free"] = {
+                "auc": clean_roc.auc, "auc_interval95": list(clean_boot.auc_interval95), "auc_sd": clean_boot.auc_sd,
+                "note": "secondary: the same probability maps and scoring at the annotated centroids",
+            }
     else:
-        metrics.update(vertebra_auc=math.nan, vertebra_auc_mean=math.nan, vertebra_auc_sd=math.nan,
+        metrics.update(vertebra_auc=math.nan, vertebra_auc_sd=math.nan, vertebra_auc_interval95=[math.nan, math.nan],
                        vertebra_note="vertebra-level ROC undefined: a single class among the vertebrae")
     detected = scores >= vertebra_threshold
-    n_pos = int(truth.sum())
-    n_neg = int((~truth).sum())
-    metrics["vertebra_operating_point"] = {
-        "threshold": vertebra_threshold,
-        "recall": float((detected & truth).sum() / n_pos) if n_pos else None,
-        "specificity": float((~detected & ~truth).sum() / n_neg) if n_neg else None,
-        "true_positives": int((detected & truth).sum()), "false_positives": int((detected & ~truth).sum()),
-        "false_negatives": int((~detected & truth).sum()), "true_negatives": int((~detected & ~truth).sum()),
-    }
+    metrics["vertebra_operating_point"] = {"threshold": vertebra_threshold, **decision_summary(truth, detected)}
+    del metrics["vertebra_operating_point"]["cases"]
     metrics["vertebra_by_grade"] = detection_by_grade(grades, detected)
     metrics["vertebra_by_level"] = detection_by_level(np.array([v.label for v in vertebrae], np.int64),
                                                       truth, detected)
@@ -820,6 +1018,26 @@ def evaluate_records(
     patient_truth = np.array([p.max_grade >= min_grade for p in patients], dtype=bool)
     metrics["patient_counts"] = {"patients": int(patient_truth.size), "positive": int(patient_truth.sum()),
                                  "negative": int((~patient_truth).sum())}
+    report_calls = [p.patient_fracture for p in patients]
+    fixed_calls: np.ndarray | None = None
+    if patients and all(call is not None for call in report_calls):
+        fixed_calls = np.array(report_calls, dtype=bool)
+        metrics["patient_fixed_rule"] = {
+            **decision_summary(patient_truth, fixed_calls),
+            "rules": sorted({p.patient_rule for p in patients if p.patient_rule}),
+            "thresholds": sorted({p.patient_threshold for p in patients if p.patient_threshold is not None}),
+            "note": FIXED_RULE_NOTE,
+        }
+    patient_scores = [p.patient_score for p in patients]
+    if patient_score_thresholds is not None:
+        missing = [p.case for p in patients if p.case not in patient_score_thresholds or p.patient_score is None]
+        if missing:
+            raise VfdetectError(f"no patient score or no threshold for case(s) {', '.join(missing[:5])}")
+        cuts = np.array([float(patient_score_thresholds[p.case]) for p in patients])
+        calls = np.array(patient_scores, dtype=np.float64) >= cuts
+        metrics["patient_training_threshold"] = {**decision_summary(patient_truth, calls),
+                                                 "thresholds": sorted({float(c) for c in cuts}),
+                                                 "note": patient_threshold_note}
     thresholds, largest = _common_thresholds(patients)
     if has_both_classes(patient_truth):
         proc = patient_roc(patient_truth, largest, thresholds)
@@ -827,13 +1045,19 @@ def evaluate_records(
         # Resample the same case draws as the vertebra level; map case positions to patient rows.
         row_of_case = np.full(len(case_names), -1, dtype=np.int64)
         row_of_case[patient_rows] = np.arange(patient_rows.size)
-        patient_curve = patient_curve_for_resample(patient_truth, largest, thresholds)
 
-        def curve(cases: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-            rows = row_of_case[cases]
-            return patient_curve(rows[rows >= 0])
+        def on_patients(
+            curve: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray] | None],
+        ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+            def resampled(cases: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+                rows = row_of_case[cases]
+                return curve(rows[rows >= 0])
+            return resampled
 
-        boot = bootstrap_roc(resamples, curve, grid)
+        boot = bootstrap_roc(resamples, on_patients(fixed_classifier_curve_for_resample(
+            patient_truth, hull_corner_calls(proc, largest, thresholds))), grid)
+        refitted = bootstrap_roc(resamples, on_patients(patient_curve_for_resample(patient_truth, largest, thresholds)),
+                                 grid)
         best = best_operating_point(proc.points)
         best_row = proc.points.rows()[best]
         table = patient_operating_points(patient_truth, largest, thresholds, PATIENT_OPERATING_NOISE_THRESHOLDS_MM3)
@@ -842,28 +1066,35 @@ def evaluate_records(
                       patient_points_probability=proc.points.probability_threshold,
                       patient_points_noise_mm3=proc.points.noise_threshold_mm3,
                       patient_tpr_mean=boot.tpr_mean, patient_tpr_sd=boot.tpr_sd,
-                      patient_bootstrap_aucs=boot.aucs)
-        calls = patient_calls(largest[:, list(thresholds).index(best_row["probability_threshold"])],
-                              best_row["noise_threshold_mm3"])
+                      patient_tpr_low=boot.tpr_low, patient_tpr_high=boot.tpr_high, patient_bootstrap_aucs=boot.aucs,
+                      patient_refitted_tpr_mean=refitted.tpr_mean, patient_refitted_bootstrap_aucs=refitted.aucs)
+        hull_calls = patient_calls(largest[:, list(thresholds).index(best_row["probability_threshold"])],
+                                   best_row["noise_threshold_mm3"])
+        calls_used = fixed_calls if fixed_calls is not None else hull_calls
         max_grades = np.array([p.max_grade for p in patients], dtype=np.int64)
+        metrics["patient_auc"] = proc.auc
+        metrics.update(_bootstrap_fields("patient", boot, FIXED_HULL_METHOD))
         metrics.update(
-            patient_auc=proc.auc,
-            patient_auc_mean=boot.auc_mean,
-            patient_auc_sd=boot.auc_sd,
-            patient_auc_interval95=list(boot.auc_interval95),
-            patient_bootstrap=boot.summary(),
+            patient_auc_refitted_hull_mean=refitted.auc_mean,
+            patient_refitted_hull_bootstrap={**refitted.summary(), "label": REFITTED_HULL_LABEL},
             patient_probability_thresholds=thresholds.tolist(),
-            patient_operating_point=best_row,
+            patient_hull_best_point={**best_row, "note": "best recall + specificity on the hull, chosen on these "
+                                                        "cases (optimistic)"},
             patient_hull=proc.hull_rows(),
             patient_operating_points=table.rows(),
-            patient_by_max_grade=detection_by_grade(max_grades, calls),
-            patient_calls={p.case: bool(c) for p, c in zip(patients, calls, strict=True)},
+            patient_by_max_grade=detection_by_grade(max_grades, calls_used),
+            patient_by_max_grade_calls="report decision (patient_fracture)" if fixed_calls is not None
+            else "hull best point",
+            patient_calls={p.case: bool(c) for p, c in zip(patients, calls_used, strict=True)},
         )
-        continuous = [p.patient_fracture_probability for p in patients]
-        if all(value is not None for value in continuous):
-            metrics["patient_score_auc"] = roc_auc(patient_truth, np.array(continuous, dtype=np.float64))
+        if all(value is not None for value in patient_scores):
+            values = np.array(patient_scores, dtype=np.float64)
+            score_boot = bootstrap_roc(resamples, on_patients(vertebra_curve_for_resample(
+                patient_truth, values, np.arange(values.size))), grid)
+            metrics["patient_score_auc"] = roc_auc(patient_truth, values)
+            metrics["patient_score_auc_interval95"] = list(score_boot.auc_interval95)
     else:
-        metrics.update(patient_auc=math.nan, patient_auc_mean=math.nan, patient_auc_sd=math.nan,
+        metrics.update(patient_auc=math.nan, patient_auc_sd=math.nan, patient_auc_interval95=[math.nan, math.nan],
                        patient_note="patient-level ROC undefined: all patients are of one class")
     return {"metrics": metrics, "arrays": arrays}
 
@@ -876,31 +1107,34 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-def _format(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+def _decision_line(summary: Mapping[str, Any]) -> str:
+    f = format_value
+    return (f"recall {f(summary['recall'])}, specificity {f(summary['specificity'])} (TP {summary['true_positives']}, "
+            f"FP {summary['false_positives']}, FN {summary['false_negatives']}, TN {summary['true_negatives']})")
 
 
 def metrics_markdown(metrics: Mapping[str, Any]) -> str:
     """A readable summary of :func:`evaluate_records` metrics."""
     m = metrics
+    f = format_value
     vc, pc = m["vertebra_counts"], m["patient_counts"]
+    noise = m.get("vertebra_centroid_noise")
     lines = [
         "# Fracture detection: evaluation",
         "",
-        f"Reference: fractured = Genant grade >= {m['min_grade']}. Bootstrap: {m['n_bootstrap']} resamples of "
-        f"the {m['cases']} cases (seed {m['seed']}); a case's vertebrae are resampled together.",
+        f"Reference: fractured = Genant grade >= {m['min_grade']}; vertebrae without a grade are left out of the "
+        f"vertebra level (listed below). AUC on all cases; 95 % interval = 2.5 % and 97.5 % percentiles of the AUC "
+        f"over {m['n_bootstrap']} bootstrap resamples of the {m['cases']} cases (seed {m['seed']}; a case's "
+        "vertebrae are resampled together); sd = bootstrap standard deviation.",
     ]
-    if m.get("centroid_noise_mm"):
-        lines.append(f"Vertebrae re-scored with Gaussian centroid noise, sd {m['centroid_noise_mm']} mm per axis "
-                     f"(seed {m['seed']}).")
+    if noise:
+        lines.append(f"Vertebra level: Gaussian centroid noise, sd {f(noise['sd_mm'], 'g')} mm per axis, "
+                     f"{noise['draws']} draws pooled (seed {m['seed']}); scores re-computed from the saved "
+                     "probability maps.")
     lines += [
         "",
-        "| level | cases / vertebrae | positives | negatives | AUC | bootstrap AUC mean +- sd | 95 % interval | "
-        "single-class resamples |",
+        "| level | cases / vertebrae | positives | negatives | AUC (all cases) | 95 % interval | sd | "
+        "resamples used |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for level, counts, n_key, pos_key, neg_key in (
@@ -910,55 +1144,80 @@ def metrics_markdown(metrics: Mapping[str, Any]) -> str:
         boot = m.get(f"{level}_bootstrap", {})
         interval = m.get(f"{level}_auc_interval95") or [None, None]
         lines.append(
-            f"| {level} | {counts[n_key]} | {counts[pos_key]} | {counts[neg_key]} | {_format(m.get(f'{level}_auc'))} | "
-            f"{_format(m.get(f'{level}_auc_mean'))} +- {_format(m.get(f'{level}_auc_sd'))} | "
-            f"{_format(interval[0])} - {_format(interval[1])} | {boot.get('n_single_class', 'n/a')} |"
+            f"| {level} | {counts[n_key]} | {counts[pos_key]} | {counts[neg_key]} | {f(m.get(f'{level}_auc'))} | "
+            f"{f(interval[0])} - {f(interval[1])} | {f(m.get(f'{level}_auc_sd'))} | "
+            f"{boot.get('n_valid', 'n/a')} of {boot.get('n_resamples', 'n/a')} |"
         )
+    lines += ["", "Patient level: convex hull over all (probability threshold, noise threshold) classifiers, fitted on "
+              "all cases (picks the best classifiers on these cases, as in the paper). Its interval re-evaluates the "
+              "classifiers at the hull's corners on every resample without refitting."]
+    if "patient_auc_refitted_hull_mean" in m:
+        lines.append(f"Secondary, not a headline: mean AUC of hulls refitted on each resample "
+                     f"{f(m['patient_auc_refitted_hull_mean'])} (higher by construction: every resample picks its "
+                     "own best classifiers).")
     if "patient_score_auc" in m:
-        lines += ["", f"Continuous patient score (patient_fracture_probability) AUC: {_format(m['patient_score_auc'])}."]
-    if "patient_operating_point" in m:
-        op = m["patient_operating_point"]
+        interval = m.get("patient_score_auc_interval95") or [None, None]
+        lines.append(f"Patient score (highest vertebra score) AUC: {f(m['patient_score_auc'])} "
+                     f"({f(interval[0])} - {f(interval[1])}).")
+    if noise and "vertebra_noise_free" in m:
+        clean = m["vertebra_noise_free"]
+        lines.append(f"Vertebra level without centroid noise (secondary; same maps): AUC {f(clean['auc'])} "
+                     f"({f(clean['auc_interval95'][0])} - {f(clean['auc_interval95'][1])}); AUC per noise draw "
+                     f"{f(noise['auc_per_draw_range'][0])} - {f(noise['auc_per_draw_range'][1])}.")
+        if m.get("vertebra_map_vs_report_max_abs_difference") is not None:
+            lines.append(f"Noise-free scores from the saved maps differ from report.json by at most "
+                         f"{f(m['vertebra_map_vs_report_max_abs_difference'], '.4f')} (uint8 maps on the scan's grid "
+                         "vs. the float map predict scored on).")
+    lines += ["", "## Patient level: decisions", ""]
+    rule = m.get("patient_fixed_rule")
+    if rule:
+        rules = "; ".join(rule["rules"]) or "not stated"
+        cut = ", ".join(f(t, "g") for t in rule["thresholds"]) or "n/a"
+        lines.append(f"- Rule stored in the reports ({rules}; threshold {cut}), {rule['note']}: "
+                     f"{_decision_line(rule)}.")
+    chosen = m.get("patient_training_threshold")
+    if chosen:
+        cut = ", ".join(f(t, ".4g") for t in chosen["thresholds"])
+        lines.append(f"- patient score >= threshold chosen without the test cases ({chosen['note']}; thresholds {cut}): "
+                     f"{_decision_line(chosen)}.")
+    if "patient_hull_best_point" in m:
+        op = m["patient_hull_best_point"]
         lines += [
+            f"- Best hull point on these cases (optimistic, not a test result): probability threshold "
+            f"{f(op['probability_threshold'], '.2f')}, noise threshold {f(op['noise_threshold_mm3'], '.0f')} mm³: "
+            f"{_decision_line(op)}.",
             "",
-            "## Patient level: operating point (max recall + specificity on the hull grid)",
-            "",
-            f"Probability threshold {_format(op['probability_threshold'], 2)}, noise threshold "
-            f"{_format(op['noise_threshold_mm3'], 0)} mm³: recall {_format(op['recall'])}, specificity "
-            f"{_format(op['specificity'])} (TP {op['true_positives']}, FP {op['false_positives']}, "
-            f"FN {op['false_negatives']}, TN {op['true_negatives']}).",
-            "",
-            "Convex hull corners (each an optimal classifier):",
+            "Convex hull corners (each an optimal classifier on these cases):",
             "",
             "| probability threshold | noise threshold (mm³) | recall | specificity |",
             "|---|---|---|---|",
         ]
         for row in m["patient_hull"]:
-            lines.append(f"| {_format(row['probability_threshold'], 2)} | {_format(row['noise_threshold_mm3'], 0)} | "
-                         f"{_format(row['tpr'])} | {_format(1 - row['fpr'])} |")
-        lines += ["", "Patients called positive at the operating point, by highest reference grade:", "",
+            lines.append(f"| {f(row['probability_threshold'], '.2f')} | {f(row['noise_threshold_mm3'], '.0f')} | "
+                         f"{f(row['tpr'])} | {f(1 - row['fpr'])} |")
+        lines += ["", f"Patients called positive ({m['patient_by_max_grade_calls']}), by highest reference grade:", "",
                   "| highest grade | patients | called positive | rate |", "|---|---|---|---|"]
         for row in m["patient_by_max_grade"]:
-            lines.append(f"| {row['grade']} | {row['count']} | {row['called_fracture']} | {_format(row['rate'])} |")
+            lines.append(f"| {row['grade']} | {row['count']} | {row['called_fracture']} | {f(row['rate'])} |")
     op = m["vertebra_operating_point"]
     lines += [
         "",
-        f"## Vertebra level at score threshold {_format(op['threshold'], 2)}",
+        f"## Vertebra level at score threshold {f(op['threshold'], '.2f')}" + (" (noise-free scores)" if noise else ""),
         "",
-        f"Recall {_format(op['recall'])}, specificity {_format(op['specificity'])} (TP {op['true_positives']}, "
-        f"FP {op['false_positives']}, FN {op['false_negatives']}, TN {op['true_negatives']}).",
+        f"At this threshold: {_decision_line(op)}.",
     ]
     if "vertebra_youden_point" in m:
         y = m["vertebra_youden_point"]
-        lines.append(f"Best threshold on these data (max recall + specificity, optimistic): {_format(y['threshold'])} "
-                     f"(recall {_format(y['recall'])}, specificity {_format(y['specificity'])}).")
+        lines.append(f"Best threshold on these data (max recall + specificity, optimistic): {f(y['threshold'])} "
+                     f"(recall {f(y['recall'])}, specificity {f(y['specificity'])}).")
     lines += ["", "| Genant grade | vertebrae | called fracture | rate |", "|---|---|---|---|"]
     for row in m["vertebra_by_grade"]:
-        lines.append(f"| {row['grade']} | {row['count']} | {row['called_fracture']} | {_format(row['rate'])} |")
+        lines.append(f"| {row['grade']} | {row['count']} | {row['called_fracture']} | {f(row['rate'])} |")
     lines += ["", "Grade 0 rate = false-positive rate; grades 1-3 rate = sensitivity.", "",
               "| level | fractured | detected | sensitivity | normal | specificity |", "|---|---|---|---|---|---|"]
     for row in m["vertebra_by_level"]:
-        lines.append(f"| {row['name']} | {row['fractured']} | {row['detected']} | {_format(row['sensitivity'])} | "
-                     f"{row['normal']} | {_format(row['specificity'])} |")
+        lines.append(f"| {row['name']} | {row['fractured']} | {row['detected']} | {f(row['sensitivity'])} | "
+                     f"{row['normal']} | {f(row['specificity'])} |")
     excluded = m.get("excluded", {})
     if any(excluded.values()):
         lines += ["", "## Left out", ""]
@@ -990,7 +1249,8 @@ def write_evaluation(out_dir: Path, result: Mapping[str, Any], vertebrae: Sequen
             [(r["fpr"], r["tpr"], r["probability_threshold"], r["noise_threshold_mm3"]) for r in metrics["patient_hull"]]))
         write_text_atomic(out_dir / "patient_operating_points.csv", _csv_text(
             list(metrics["patient_operating_points"][0]), [list(r.values()) for r in metrics["patient_operating_points"]]))
-    grid_columns = ["fpr"] + [k for k in ("vertebra_tpr_mean", "vertebra_tpr_sd", "patient_tpr_mean", "patient_tpr_sd")
+    grid_columns = ["fpr"] + [k for k in ("vertebra_tpr_mean", "vertebra_tpr_sd", "vertebra_tpr_low", "vertebra_tpr_high",
+                                          "patient_tpr_mean", "patient_tpr_sd", "patient_tpr_low", "patient_tpr_high")
                               if k in arrays]
     write_text_atomic(out_dir / "roc_bootstrap_mean.csv", _csv_text(
         grid_columns, np.column_stack([arrays["fpr_grid"], *(arrays[k] for k in grid_columns[1:])]).tolist()))
@@ -1006,7 +1266,7 @@ def write_evaluation(out_dir: Path, result: Mapping[str, Any], vertebrae: Sequen
                      *centroid))
     write_text_atomic(out_dir / "vertebrae.csv", _csv_text(
         ("case", "label", "name", "grade", "fracture_probability", "outcome", "x_mm", "y_mm", "z_mm"), rows))
-    write_json_atomic(out_dir / METRICS_NAME, _nan_to_none(metrics))
+    write_json_atomic(out_dir / METRICS_NAME, json_safe(metrics))
     write_text_atomic(out_dir / "metrics.md", metrics_markdown(metrics))
 
 
@@ -1028,23 +1288,33 @@ def evaluate_predictions(
     n_bootstrap: int = 1000,
     seed: int = 0,
     centroid_noise_mm: float = 0.0,
+    noise_draws: int = DEFAULT_NOISE_DRAWS,
     vertebra_threshold: float = 0.5,
     score_options: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    patient_score_thresholds: Mapping[str, float] | None = None,
+    patient_threshold_note: str = "",
 ) -> dict[str, Any]:
     """Evaluate saved predictions of ``cases`` and write the results into ``out_dir``.
 
     ``pred_dir`` is a prediction folder (``<pred_dir>/<case>/report.json``) or several, searched in
-    order (the pooled out-of-fold evaluation of :mod:`vfdetect.cv`). With ``centroid_noise_mm > 0``
-    the vertebrae are re-scored from ``probabilities.nii.gz`` after Gaussian centroid noise (seeded
-    by ``seed``; bootstrap uses an independent stream of the same seed).
+    order (the pooled out-of-fold evaluation of :mod:`vfdetect.cv`).
+
+    With ``centroid_noise_mm > 0`` (paper: 3) every vertebra is scored from the saved
+    ``probabilities.nii.gz`` twice over: at its centroid and after ``noise_draws`` draws of Gaussian
+    centroid noise (seeded by ``seed``; the bootstrap uses an independent stream of the same seed).
+    The noisy ROC (draws pooled) is the main vertebra-level result, the noise-free one from the same
+    maps is secondary, and the largest difference between the noise-free map scores and the scores
+    in report.json is reported (``vertebra_map_vs_report_max_abs_difference``). Without noise the
+    scores of report.json are used as they are. ``patient_score_thresholds`` and
+    ``patient_threshold_note`` go to :func:`evaluate_records`.
 
     Writes ``metrics.json`` (``vertebra_auc``, ``vertebra_auc_sd``, ``patient_auc``,
     ``patient_auc_sd``, counts, operating points, breakdowns per grade and level, what was left
     out), ``metrics.md``, ``roc.npz`` (all curves and bootstrap bands), ``roc_vertebra.csv``,
     ``roc_patient_hull.csv``, ``patient_operating_points.csv``, ``roc_bootstrap_mean.csv`` and
-    ``vertebrae.csv`` (per vertebra score and TP/FP/FN/TN at the operating threshold). Returns the
-    metrics dict.
+    ``vertebrae.csv`` (per vertebra noise-free score and TP/FP/FN/TN at the operating threshold).
+    Returns the metrics dict.
     """
     loaded = load_predictions(cases, pred_dir)
     if not loaded.patients:
@@ -1053,15 +1323,30 @@ def evaluate_predictions(
                                 f"without report.json, {len(loaded.ungraded_cases)} without grades)")
     vertebrae = loaded.vertebrae
     noise_seed, bootstrap_seed = np.random.SeedSequence(seed).spawn(2)
+    noisy: np.ndarray | None = None
+    differences: np.ndarray | None = None
     if centroid_noise_mm > 0:
-        vertebrae = rescore_with_centroid_noise(vertebrae, loaded.report_dirs, centroid_noise_mm,
-                                                np.random.default_rng(noise_seed), loaded.score_options,
-                                                **dict(score_options or {}))
+        if noise_draws < 1:
+            raise VfdetectError("centroid noise needs at least one noise draw")
+        rescored = map_vertebra_scores(vertebrae, loaded.report_dirs, centroid_noise_mm, noise_draws,
+                                       np.random.default_rng(noise_seed), loaded.score_options,
+                                       **dict(score_options or {}))
+        differences = np.abs(rescored.clean - np.array([v.fracture_probability for v in vertebrae]))
+        vertebrae = [replace(v, fracture_probability=float(value)) for v, value in zip(vertebrae, rescored.clean,
+                                                                                         strict=True)]
+        noisy = rescored.noisy
     result = evaluate_records(vertebrae, loaded.patients, min_grade=min_grade, n_bootstrap=n_bootstrap,
-                              seed=int(bootstrap_seed.generate_state(1)[0]), vertebra_threshold=vertebra_threshold)
+                              seed=int(bootstrap_seed.generate_state(1)[0]), vertebra_threshold=vertebra_threshold,
+                              noisy_scores=noisy, centroid_noise_mm=centroid_noise_mm,
+                              patient_score_thresholds=patient_score_thresholds,
+                              patient_threshold_note=patient_threshold_note)
     metrics = result["metrics"]
     metrics["seed"] = seed
     metrics["centroid_noise_mm"] = centroid_noise_mm
+    metrics["vertebra_scores_from"] = "report.json" if noisy is None else PROBABILITIES_NAME
+    if differences is not None:
+        metrics["vertebra_map_vs_report_max_abs_difference"] = float(differences.max()) if differences.size else None
+        metrics["vertebra_map_vs_report_mean_abs_difference"] = float(differences.mean()) if differences.size else None
     metrics["prediction_dirs"] = [str(p) for p in ([pred_dir] if isinstance(pred_dir, str | Path) else pred_dir)]
     metrics["case_dirs"] = {name: str(path) for name, path in loaded.report_dirs.items()}
     metrics["case_images"] = {c.case: str(c.image) for c in cases if c.case in loaded.report_dirs}

@@ -4,9 +4,14 @@
   graded cases (a manifest, or the cases of an evaluation).
 * Figure 3 — the three variants' hard labels on one validation case, side by side (mid-sagittal
   and coronal sections instead of the paper's 3D rendering), from a model-selection folder.
-* Figures 4 and 5 — patient- and vertebra-level ROC: the curve on all cases, the bootstrapped mean
-  ROC with its +-1 sd band, and AUC +- sd in the legend, from an evaluation folder (``roc.npz``,
-  ``metrics.json``).
+* Figures 4 and 5 — patient- and vertebra-level ROC from an evaluation folder (``roc.npz``,
+  ``metrics.json``): the curve on all cases with its AUC and 95 % percentile bootstrap interval,
+  and the pointwise 2.5-97.5 % band of the resampled curves. Figure 4's resampled curves
+  re-evaluate the all-case hull's classifiers; the mean of hulls refitted per resample is drawn
+  dotted and labelled secondary. Figure 4 marks the decision rule fixed before the cases were seen
+  (and the fold-chosen threshold of a cross-validation), the best hull point only as optimistic.
+  Figure 5's main curve is the one with centroid noise when the evaluation has it (paper: 3 mm),
+  the noise-free curve from the same maps is drawn dashed as secondary.
 * Figures 6 and 7 — mid-sagittal sections with the fracture probability map (values < 0.05 hidden)
   of cases whose vertebrae are all called correctly, and of cases with errors; every vertebra is
   marked TP / TN / FP / FN (from ``vertebrae.csv`` and the saved probability maps).
@@ -19,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,7 @@ import numpy as np
 
 from vfdetect.errors import InputError, VfdetectError
 from vfdetect.fileio import atomic_path
+from vfdetect.jsonutil import format_value
 
 GRADE_NAMES = {1: "mild", 2: "moderate", 3: "severe"}
 GRADE_COLOURS = {1: "#f2c14e", 2: "#f08a24", 3: "#c0392b"}
@@ -193,7 +198,19 @@ def grades_from_vertebrae_csv(path: Path) -> dict[str, dict[int, int]]:
 
 
 def _fmt(value: Any) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.2f}"
+    return format_value(value, ".2f")
+
+
+def _auc_text(auc: Any, interval: Any) -> str:
+    low, high = interval if isinstance(interval, list | tuple) and len(interval) == 2 else (None, None)
+    return f"AUC = {_fmt(auc)} (95 % interval {_fmt(low)}-{_fmt(high)})"
+
+
+def _decision_marker(axis: Any, summary: Mapping[str, Any] | None, label: str, **style: Any) -> None:
+    if summary and summary.get("recall") is not None and summary.get("specificity") is not None:
+        axis.scatter([1 - summary["specificity"]], [summary["recall"]], zorder=4,
+                     label=f"{label}: recall {_fmt(summary['recall'])}, specificity {_fmt(summary['specificity'])}",
+                     **style)
 
 
 def figure_roc(evaluation_dir: Path, level: str, out_stem: Path, title: str | None = None) -> list[Path]:
@@ -206,37 +223,46 @@ def figure_roc(evaluation_dir: Path, level: str, out_stem: Path, title: str | No
         arrays = dict(np.load(evaluation_dir / "roc.npz"))
     except (OSError, ValueError) as error:
         raise InputError(evaluation_dir / "roc.npz", f"cannot read ({error})") from None
+    noise = metrics.get("vertebra_centroid_noise") if level == "vertebra" else None
     if level == "patient":
         curve_key = ("patient_hull_fpr", "patient_hull_tpr")
         curve_label = "convex hull, all cases"
     else:
         curve_key = ("vertebra_fpr", "vertebra_tpr")
-        curve_label = "ROC, all vertebrae"
+        curve_label = (f"centroid noise {noise['sd_mm']:g} mm ({noise['draws']} draws), all vertebrae" if noise
+                       else "ROC, all vertebrae")
     if curve_key[0] not in arrays:
         raise VfdetectError(f"{evaluation_dir}: no {level}-level ROC saved (one class only?)")
-    figure = _new_figure(4.6, 4.4)
+    figure = _new_figure(4.8, 4.6)
     axis = figure.add_subplot()
-    grid = arrays["fpr_grid"]
-    mean_key, sd_key = f"{level}_tpr_mean", f"{level}_tpr_sd"
+    grid = np.r_[0.0, arrays["fpr_grid"]]
     boot = metrics.get(f"{level}_bootstrap") or {}
-    if mean_key in arrays and np.all(np.isfinite(arrays[mean_key])) and boot.get("n_valid", 0) > 1:
-        mean = np.r_[0.0, arrays[mean_key]]
-        sd = np.r_[0.0, arrays[sd_key]]
-        fpr = np.r_[0.0, grid]
-        axis.fill_between(fpr, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), color="#1f77b4", alpha=0.2,
-                          linewidth=0, label="+-1 sd")
-        axis.plot(fpr, mean, color="#1f77b4", linewidth=2,
-                  label=f"bootstrap mean (n={boot.get('n_valid')}), AUC = {_fmt(metrics.get(f'{level}_auc_mean'))} "
-                        f"+- {_fmt(metrics.get(f'{level}_auc_sd'))}")
-    axis.plot(arrays[curve_key[0]], arrays[curve_key[1]], color="#333333", linewidth=1, linestyle="--",
-              label=f"{curve_label}, AUC = {_fmt(metrics.get(f'{level}_auc'))}")
+    low_key, high_key = f"{level}_tpr_low", f"{level}_tpr_high"
+    if low_key in arrays and np.all(np.isfinite(arrays[low_key])) and boot.get("n_valid", 0) > 1:
+        what = "hull classifiers re-evaluated" if level == "patient" else "ROC"
+        axis.fill_between(grid, np.r_[0.0, arrays[low_key]], np.r_[0.0, arrays[high_key]], color="#1f77b4",
+                          alpha=0.2, linewidth=0,
+                          label=f"2.5-97.5 % of {boot.get('n_valid')} case resamples ({what})")
+    axis.plot(arrays[curve_key[0]], arrays[curve_key[1]], color="#1f77b4", linewidth=2,
+              label=f"{curve_label}, {_auc_text(metrics.get(f'{level}_auc'), metrics.get(f'{level}_auc_interval95'))}")
+    if noise and "vertebra_noise_free_fpr" in arrays:
+        clean = metrics.get("vertebra_noise_free") or {}
+        axis.plot(arrays["vertebra_noise_free_fpr"], arrays["vertebra_noise_free_tpr"], color="#555555", linewidth=1,
+                  linestyle="--", label=f"secondary: no centroid noise (same maps), AUC = {_fmt(clean.get('auc'))}")
     if level == "patient":
         axis.scatter(arrays["patient_points_fpr"], arrays["patient_points_tpr"], s=6, color="#999999", alpha=0.5,
                      label="(probability, noise) threshold pairs", zorder=1)
-        op = metrics.get("patient_operating_point")
-        if op:
-            axis.scatter([1 - op["specificity"]], [op["recall"]], s=40, color="#d62728", zorder=3,
-                         label=f"operating point: recall {op['recall']:.2f}, specificity {op['specificity']:.2f}")
+        if "patient_refitted_tpr_mean" in arrays and np.all(np.isfinite(arrays["patient_refitted_tpr_mean"])):
+            axis.plot(grid, np.r_[0.0, arrays["patient_refitted_tpr_mean"]], color="#777777", linewidth=1,
+                      linestyle=":", label=f"secondary: mean of hulls refitted per resample, AUC = "
+                                           f"{_fmt(metrics.get('patient_auc_refitted_hull_mean'))} (higher by "
+                                           "construction)")
+        _decision_marker(axis, metrics.get("patient_fixed_rule"), "rule fixed before these cases", s=45,
+                         color="#d62728", marker="o")
+        _decision_marker(axis, metrics.get("patient_training_threshold"), "threshold chosen on training folds",
+                         s=45, color="#2ca02c", marker="s")
+        _decision_marker(axis, metrics.get("patient_hull_best_point"), "best hull point on these cases (optimistic)",
+                         s=45, facecolors="none", edgecolors="#d62728", marker="o")
     axis.plot([0, 1], [0, 1], color="#bbbbbb", linewidth=0.8, linestyle=":")
     axis.set_xlim(-0.01, 1.01)
     axis.set_ylim(-0.01, 1.01)
@@ -248,10 +274,9 @@ def figure_roc(evaluation_dir: Path, level: str, out_stem: Path, title: str | No
         what = f"{counts.get('patients')} patients ({counts.get('positive')} with a fracture)"
     else:
         what = f"{counts.get('vertebrae')} vertebrae ({counts.get('fractured')} fractured)"
-    noise = metrics.get("centroid_noise_mm") or 0
-    suffix = f", centroid noise {noise:g} mm" if noise and level == "vertebra" else ""
+    suffix = f", centroid noise {noise['sd_mm']:g} mm" if noise else ""
     axis.set_title(title or f"{level.capitalize()}-level fracture detection\n{what}{suffix}", fontsize=10)
-    axis.legend(loc="lower right", fontsize=6.5, frameon=False)
+    axis.legend(loc="lower right", fontsize=5.5, frameon=False)
     return save_figure(figure, out_stem)
 
 
@@ -415,8 +440,8 @@ def draw_figures(directory: Path, out_dir: Path | None = None, manifest_cases: S
     """Draw every figure the saved outputs in ``directory`` allow; return the files written.
 
     ``directory`` may be an evaluation folder (``metrics.json``), a cross-validation folder
-    (``cv.json``; its ``evaluation/`` and, if present, ``evaluation_centroid_noise/``) or a model
-    selection folder (``model_selection.json``). With ``manifest_cases``, Figure 1 is drawn for
+    (``cv.json``; its ``evaluation/`` and, if present, ``evaluation_centroid_noise/``, which then
+    gives Figure 5) or a model selection folder (``model_selection.json``). With ``manifest_cases``, Figure 1 is drawn for
     them as ``figure1_manifest``.
     """
     directory = Path(directory)
@@ -424,38 +449,40 @@ def draw_figures(directory: Path, out_dir: Path | None = None, manifest_cases: S
         raise InputError(directory, "folder not found")
     out_dir = Path(out_dir) if out_dir is not None else directory / "figures"
     written: list[Path] = []
-    evaluations: list[tuple[str, Path]] = []
+    evaluation: Path | None = None
+    noisy_evaluation: Path | None = None
     if (directory / "metrics.json").is_file():
-        evaluations.append(("", directory))
-    if (directory / "cv.json").is_file() or (directory / "evaluation" / "metrics.json").is_file():
-        if (directory / "evaluation" / "metrics.json").is_file():
-            evaluations.append(("", directory / "evaluation"))
-        if (directory / "evaluation_centroid_noise" / "metrics.json").is_file():
-            evaluations.append(("_centroid_noise", directory / "evaluation_centroid_noise"))
+        evaluation = directory
+    elif (directory / "evaluation" / "metrics.json").is_file():
+        evaluation = directory / "evaluation"
+    if (directory / "evaluation_centroid_noise" / "metrics.json").is_file():
+        noisy_evaluation = directory / "evaluation_centroid_noise"
     selection = (directory / "model_selection.json").is_file()
-    if not evaluations and not selection and manifest_cases is None:
+    if evaluation is None and noisy_evaluation is None and not selection and manifest_cases is None:
         raise InputError(directory, "holds no metrics.json, cv.json or model_selection.json to draw from")
-    for suffix, evaluation in evaluations:
-        if not suffix:
-            written += figure1_fractures_per_level(grades_from_vertebrae_csv(evaluation / "vertebrae.csv"),
-                                                   out_dir / "figure1_fractures_per_level",
-                                                   "Evaluated cases: fractures per Genant grade along the spine")
-            try:
-                written += figure_roc(evaluation, "patient", out_dir / "figure4_patient_roc")
-            except VfdetectError:
-                pass  # single-class evaluation: no patient-level ROC
+    if evaluation is not None:
+        written += figure1_fractures_per_level(grades_from_vertebrae_csv(evaluation / "vertebrae.csv"),
+                                               out_dir / "figure1_fractures_per_level",
+                                               "Evaluated cases: fractures per Genant grade along the spine")
         try:
-            written += figure_roc(evaluation, "vertebra", out_dir / f"figure5_vertebra_roc{suffix}")
+            written += figure_roc(evaluation, "patient", out_dir / "figure4_patient_roc")
+        except VfdetectError:
+            pass  # single-class evaluation: no patient-level ROC
+    # Figure 5: the evaluation with centroid noise when there is one (its noise-free curve is secondary).
+    figure5_source = noisy_evaluation if noisy_evaluation is not None else evaluation
+    if figure5_source is not None:
+        try:
+            written += figure_roc(figure5_source, "vertebra", out_dir / "figure5_vertebra_roc")
         except VfdetectError:
             pass
-        if not suffix:
-            correct, wrong = choose_overlay_cases(_case_rows(evaluation), cases_per_figure)
-            if correct:
-                written += figure_overlays(evaluation, correct, out_dir / "figure6_correct_cases",
-                                           "Cases with only correct vertebra-level calls")
-            if wrong:
-                written += figure_overlays(evaluation, wrong, out_dir / "figure7_cases_with_errors",
-                                           "Cases with vertebra-level errors")
+    if evaluation is not None:
+        correct, wrong = choose_overlay_cases(_case_rows(evaluation), cases_per_figure)
+        if correct:
+            written += figure_overlays(evaluation, correct, out_dir / "figure6_correct_cases",
+                                       "Cases with only correct vertebra-level calls")
+        if wrong:
+            written += figure_overlays(evaluation, wrong, out_dir / "figure7_cases_with_errors",
+                                       "Cases with vertebra-level errors")
     if selection:
         written += figure3_variants(directory, out_dir / "figure3_variants")
     if manifest_cases is not None:

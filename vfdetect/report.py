@@ -2,15 +2,20 @@
 
 No TensorFlow here. The JSON layout (one file per case)::
 
-    {"case": ..., "patient_fracture_probability": q, "patient_fracture": bool,
+    {"case": ..., "patient_score": s, "patient_threshold": t, "patient_rule": "...",
+     "patient_fracture": bool (s >= t),
      "thresholds": {"probability": .., "noise_mm3": .., "vertebra": .., "cube_edge_mm": .., "sigma_mm": ..},
      "vertebrae": [{"label": L, "name": "L1", "centroid_voxel": [...], "centroid_mm": [...],
                     "fracture_probability": p, "normal_probability": p_n, "predicted": "fracture"|"normal",
                     "source": "given"|"localised", "grade": g or null}],
      "component_sizes": {"probability_thresholds": [...], "largest_component_mm3": [...]},
-     "patient_score": "...", "model": {...}, "timings": {...}, "input": ..., "version": ...}
+     "model": {...}, "timings": {...}, "input": ..., "version": ...}
 
-``centroid_voxel`` is in the input scan's own voxel grid, ``centroid_mm`` in world RAS mm.
+``patient_score`` is the highest vertebra fracture score (not a calibrated probability); reports
+written before it existed carry the same number as ``patient_fracture_probability`` (and a text
+description under ``patient_score``); :func:`patient_score_of` reads either. ``component_sizes``
+feed the paper's component-based patient-level ROC. ``centroid_voxel`` is in the input scan's own
+voxel grid, ``centroid_mm`` in world RAS mm.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vfdetect.fileio import atomic_path, write_json_atomic, write_text_atomic
+from vfdetect.jsonutil import format_value, json_safe
 
 CSV_COLUMNS: tuple[str, ...] = (
     "case",
@@ -41,7 +47,9 @@ CSV_COLUMNS: tuple[str, ...] = (
     "centroid_i",
     "centroid_j",
     "centroid_k",
-    "patient_fracture_probability",
+    "patient_score",
+    "patient_threshold",
+    "patient_rule",
     "patient_fracture",
 )
 """Columns of report.csv and summary.csv: one row per vertebra."""
@@ -52,32 +60,44 @@ FRACTURE_DISPLAY_MIN = 0.05
 BONE_WINDOW_HU = (-400.0, 1100.0)
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe value: NaN -> None, numpy scalars -> Python."""
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def patient_score_of(report: Mapping[str, Any]) -> float | None:
+    """The case's patient score: ``patient_score`` when it is a number, else the older key
+    ``patient_fracture_probability`` (same quantity); None when neither is given."""
+    for key in ("patient_score", "patient_fracture_probability"):
+        value = report.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def patient_threshold_of(report: Mapping[str, Any]) -> float | None:
+    """The threshold on the patient score behind ``patient_fracture`` (None in older reports)."""
+    value = report.get("patient_threshold")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def patient_rule_of(report: Mapping[str, Any]) -> str | None:
+    """The stated rule behind ``patient_fracture``.
+
+    ``patient_rule`` when the report has it; for older reports, which called a patient positive
+    when the largest fracture component reached the noise threshold, that rule written from the
+    report's ``thresholds``; None when neither is known.
+    """
+    rule = report.get("patient_rule")
+    if isinstance(rule, str) and rule:
+        return rule
+    thresholds = report.get("thresholds") or {}
+    if "probability" in thresholds and "noise_mm3" in thresholds:
+        return (f"largest component of p(fracture) >= {format_value(thresholds['probability'], 'g')} "
+                f"is at least {format_value(thresholds['noise_mm3'], 'g')} mm3")
+    return None
 
 
 def write_report_json(path: str | Path, report: dict[str, Any]) -> None:
     """Write a case report as JSON (atomic; NaN written as null)."""
-    write_json_atomic(path, _clean(report))
-
-
-def _format(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return "" if not math.isfinite(value) else f"{value:.6g}"
-    return str(value)
+    write_json_atomic(path, json_safe(report))
 
 
 def report_rows(report: dict[str, Any]) -> list[dict[str, str]]:
@@ -101,10 +121,12 @@ def report_rows(report: dict[str, Any]) -> list[dict[str, str]]:
             "centroid_i": centroid_voxel[0],
             "centroid_j": centroid_voxel[1],
             "centroid_k": centroid_voxel[2],
-            "patient_fracture_probability": report.get("patient_fracture_probability"),
+            "patient_score": patient_score_of(report),
+            "patient_threshold": patient_threshold_of(report),
+            "patient_rule": patient_rule_of(report),
             "patient_fracture": report.get("patient_fracture"),
         }
-        rows.append({column: _format(values[column]) for column in CSV_COLUMNS})
+        rows.append({column: format_value(values[column], ".6g", missing="") for column in CSV_COLUMNS})
     return rows
 
 

@@ -33,6 +33,11 @@ import click
 @click.option("--bootstrap", "n_bootstrap", type=click.IntRange(min=0), default=None, help="Bootstrap resamples [1000].")
 @click.option("--centroid-noise-mm", type=click.FloatRange(min=0), default=None,
               help="Also evaluate with Gaussian centroid noise of this sd per axis (paper: 3) [0: no].")
+@click.option("--noise-draws", type=click.IntRange(min=1), default=None,
+              help="Draws of centroid noise pooled into the vertebra-level ROC [10].")
+@click.option("--patient-threshold-from", type=click.Choice(["validation", "training", "model"]), default=None,
+              help="Where each fold's patient-score threshold is chosen: its validation cases, its training and "
+                   "validation cases (both predicted for it), or the model's stored threshold [validation].")
 @click.option("--variant", type=click.Choice(["3d", "5slices", "1slice"]), default=None,
               help="Network variant of the cross-validation [3d].")
 @click.option("--variants", default=None, help="Comma-separated variants of --model-selection [1slice,5slices,3d].")
@@ -49,7 +54,8 @@ import click
 def command(manifest: Path, out_dir: Path, config_path: Path | None, model_selection: bool,
             data_root: Path | None, grades: Path | None, n_folds: int | None, seed: int | None,
             min_grade: int | None, min_negatives_per_fold: int | None, validation_fraction: float | None,
-            n_bootstrap: int | None, centroid_noise_mm: float | None, variant: str | None, variants: str | None,
+            n_bootstrap: int | None, centroid_noise_mm: float | None, noise_draws: int | None,
+            patient_threshold_from: str | None, variant: str | None, variants: str | None,
             epochs: int | None, subepochs: int | None, segments_per_subepoch: int | None,
             batch_size: int | None, learning_rate: float | None, precision: str | None, quiet: bool) -> None:
     """Cross-validate on MANIFEST: splits, label images, train / predict / evaluate per fold, pooled evaluation."""
@@ -75,7 +81,7 @@ def command(manifest: Path, out_dir: Path, config_path: Path | None, model_selec
 
     if document["experiment"] == "model_selection":
         settings: dict[str, Any] = dict(document.get("model_selection", {}))
-        given = {"seed": seed, "min_grade": min_grade, "validation_fraction": validation_fraction,
+        given: dict[str, Any] = {"seed": seed, "min_grade": min_grade, "validation_fraction": validation_fraction,
                  "n_bootstrap": n_bootstrap}
         settings.update({key: value for key, value in given.items() if value is not None})
         if variants is not None:
@@ -96,7 +102,8 @@ def command(manifest: Path, out_dir: Path, config_path: Path | None, model_selec
     settings = dict(document.get("cv", {}))
     given = {"n_folds": n_folds, "seed": seed, "min_grade": min_grade,
              "min_negatives_per_fold": min_negatives_per_fold, "validation_fraction": validation_fraction,
-             "n_bootstrap": n_bootstrap, "centroid_noise_mm": centroid_noise_mm}
+             "n_bootstrap": n_bootstrap, "centroid_noise_mm": centroid_noise_mm, "noise_draws": noise_draws,
+             "patient_threshold_from": patient_threshold_from}
     settings.update({key: value for key, value in given.items() if value is not None})
     cv_config = cv.CvConfig(**settings)
     if "seed" not in train_options:
@@ -106,11 +113,17 @@ def command(manifest: Path, out_dir: Path, config_path: Path | None, model_selec
     if quiet:
         return
 
-    def fmt(value: Any) -> str:
-        return "n/a" if value is None or value != value else f"{value:.3f}"
+    from vfdetect.jsonutil import format_value as fmt
+
+    def auc(metrics: Any, level: str) -> str:
+        low, high = metrics.get(f"{level}_auc_interval95") or (None, None)
+        return f"{level} AUC {fmt(metrics.get(f'{level}_auc'))} ({fmt(low)}-{fmt(high)})"
 
     for name, metrics in (("pooled", result.pooled_metrics), ("centroid noise", result.noisy_metrics)):
         if metrics:
-            click.echo(f"{name}: patient AUC {fmt(metrics.get('patient_auc'))} +- {fmt(metrics.get('patient_auc_sd'))}, "
-                       f"vertebra AUC {fmt(metrics.get('vertebra_auc'))} +- {fmt(metrics.get('vertebra_auc_sd'))}")
+            click.echo(f"{name}: {auc(metrics, 'patient')}, {auc(metrics, 'vertebra')}")
+    chosen = result.pooled_metrics.get("patient_training_threshold")
+    if chosen:
+        click.echo(f"patient threshold chosen on the training side of each fold: recall {fmt(chosen['recall'])}, "
+                   f"specificity {fmt(chosen['specificity'])} on the test folds")
     click.echo(f"written: {Path(out_dir) / 'cv.json'}, {Path(out_dir) / 'evaluation' / 'metrics.md'}")
