@@ -294,3 +294,27 @@ def test_choose_patient_threshold_falls_back_on_one_class(tmp_path: Path) -> Non
     assert record["threshold"] == 0.42 and "one class" in record["fallback"]
     with pytest.raises(VfdetectError, match="patient_threshold_from"):
         cv.CvConfig(patient_threshold_from="test")
+
+
+def test_default_stages_label_images_follow_min_grade(tmp_path: Path) -> None:
+    from vfdetect.labels import FRACTURE, IGNORE
+    from vfdetect.vertebrae import Case, Vertebra, write_centroids
+
+    affine = np.eye(4)
+    hu = np.full((40, 40, 80), -1000, dtype=np.int16)
+    hu[10:30, 10:30, :] = 300
+    image = tmp_path / "c_ct.nii.gz"
+    nib.save(nib.Nifti1Image(hu, affine), image)
+    positions = {20: (20.0, 20.0, 20.0), 21: (20.0, 20.0, 45.0), 22: (20.0, 20.0, 70.0)}
+    vertebrae = [Vertebra(label, position) for label, position in positions.items()]
+    centroids = tmp_path / "c_ctd.json"
+    write_centroids(centroids, vertebrae, affine)
+    case = Case("c", image, centroids, {20: 0, 21: 1, 22: 2})
+    values = {}
+    for min_grade in (1, 2):
+        labels_dir = tmp_path / f"labels{min_grade}"
+        cv.default_stages({"min_grade": min_grade}, quiet=True).synthesize_labels([case], labels_dir)
+        labels = np.asarray(nib.load(labels_dir / "c_labels.nii.gz").dataobj)
+        values[min_grade] = labels[20, 20, 45]
+        assert json.loads((labels_dir / "label_config.json").read_text())["min_grade"] == min_grade
+    assert values[1] == FRACTURE and values[2] == IGNORE

@@ -284,16 +284,19 @@ def default_stages(train_options: Mapping[str, Any] | None = None,
                    quiet: bool = False) -> Stages:
     """The real stages: :mod:`vfdetect.labels`, :mod:`vfdetect.train`, :mod:`vfdetect.predict`.
 
-    ``train_options`` are :class:`vfdetect.train.TrainConfig` fields, ``predict_options``
-    :class:`vfdetect.predict.PredictConfig` fields; TensorFlow is imported only when a stage runs.
+    ``train_options`` are :class:`vfdetect.train.TrainConfig` fields (its ``min_grade`` also sets the
+    label images'), ``predict_options`` :class:`vfdetect.predict.PredictConfig` fields; TensorFlow is
+    imported only when a stage runs.
     """
     train_options = dict(train_options or {})
     predict_options = dict(predict_options or {})
 
     def synthesize(cases: Sequence[Any], labels_dir: Path) -> Any:
-        from vfdetect.labels import synthesize_manifest_labels
+        from vfdetect.labels import LabelConfig, synthesize_manifest_labels
 
-        return synthesize_manifest_labels(cases, labels_dir, quiet=quiet)
+        # The label images, the training split and the evaluation share one min_grade.
+        label_config = LabelConfig(min_grade=int(train_options.get("min_grade", 1)))
+        return synthesize_manifest_labels(cases, labels_dir, label_config, quiet=quiet)
 
     def train(train_cases: Sequence[Any], validation_cases: Sequence[Any], labels_dir: Path, run_dir: Path) -> Any:
         if training_finished(run_dir):
@@ -470,7 +473,7 @@ def run_cross_validation(
     progress: Callable[[str], None] | None = None,
 ) -> CvResult:
     """Stratified k-fold cross-validation end to end, resumable fold by fold (see the module doc)."""
-    stages = stages or default_stages()
+    stages = stages or default_stages({"min_grade": config.min_grade})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda message: None)
@@ -670,7 +673,9 @@ def run_model_selection(
     ``<variant>/variant.json`` (finished marker: a finished variant is reused),
     ``model_selection.json`` (comparison and the Figure 3 case) and ``model_selection.md``.
     """
-    stages_for_variant = stages_for_variant or (lambda variant: default_stages({"variant": variant}))
+    stages_for_variant = stages_for_variant or (
+        lambda variant: default_stages({"variant": variant, "min_grade": config.min_grade})
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda message: None)

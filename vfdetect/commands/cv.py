@@ -89,6 +89,7 @@ def command(manifest: Path, out_dir: Path, config_path: Path | None, model_selec
         selection_config = cv.ModelSelectionConfig(**settings)
         if "seed" not in train_options:
             train_options["seed"] = selection_config.seed
+        train_options.setdefault("min_grade", selection_config.min_grade)
 
         def stages_for(variant_name: str) -> cv.Stages:
             return cv.default_stages({**train_options, "variant": variant_name}, predict_options, quiet)
@@ -108,6 +109,7 @@ def command(manifest: Path, out_dir: Path, config_path: Path | None, model_selec
     cv_config = cv.CvConfig(**settings)
     if "seed" not in train_options:
         train_options["seed"] = cv_config.seed
+    train_options.setdefault("min_grade", cv_config.min_grade)
     stages = cv.default_stages(train_options, predict_options, quiet)
     result = cv.run_cross_validation(cases, out_dir, cv_config, stages, provenance=provenance, progress=say)
     if quiet:
