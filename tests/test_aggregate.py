@@ -17,7 +17,9 @@ from vfdetect.aggregate import (
     localise_vertebrae,
     name_by_spacing,
     name_from_anchor,
+    patient_decision,
     patient_positive,
+    patient_rule,
     patient_score,
     vertebra_scores,
 )
@@ -101,11 +103,16 @@ def test_largest_components_per_threshold_in_mm3() -> None:
         largest_at(COMPONENT_THRESHOLDS, all_sizes, 0.52)
 
 
-def test_patient_score_is_the_maximum_vertebra_score() -> None:
-    assert patient_score([{"fracture_probability": 0.2}, {"fracture_probability": 0.7}]) == 0.7
-    array = np.zeros((30, 30, 30), np.float32)
-    array[8:22, 8:22, 8:22] = 0.8
-    assert patient_score([], Volume(array, np.eye(4))) == pytest.approx(0.8, abs=0.05)
+def test_patient_score_and_decision_follow_one_rule() -> None:
+    results = [{"fracture_probability": 0.2}, {"fracture_probability": float("nan")}, {"fracture_probability": 0.7}]
+    assert patient_score(results) == 0.7
+    assert math.isnan(patient_score([])) and math.isnan(patient_score([{"fracture_probability": float("nan")}]))
+    assert patient_decision(0.7, 0.7) is True and patient_decision(0.69, 0.7) is False
+    assert patient_decision(float("nan"), 0.5) is None
+    assert patient_decision(patient_score(results)) is True  # default threshold 0.5
+    assert "0.35" in patient_rule(0.35) and "patient_score" in patient_rule(0.35)
+    with pytest.raises(VfdetectError):
+        patient_decision(0.4, 0.0)
 
 
 def _spine_map(levels: list[int], rng: np.random.Generator, merge: tuple[int, int] | None = None):  # type: ignore[no-untyped-def]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import nibabel as nib
 import numpy as np
@@ -182,8 +183,9 @@ def test_predict_case_writes_outputs_on_the_input_grid(run_dir, tmp_path) -> Non
                           config=PredictConfig(tile_shape=(29, 29, 29)))
     folder = tmp_path / "tiny"
     report = json.loads((folder / "report.json").read_text())
-    assert set(report) >= {"case", "patient_fracture_probability", "patient_fracture", "thresholds", "vertebrae",
-                           "model", "timings", "component_sizes"}
+    assert set(report) >= {"case", "patient_score", "patient_fracture", "patient_threshold", "patient_rule",
+                           "thresholds", "vertebrae", "model", "timings", "component_sizes", "largest_component_mm3",
+                           "region", "warnings"}
     assert [v["name"] for v in report["vertebrae"]] == ["L1", "L2"]
     first = report["vertebrae"][0]
     np.testing.assert_allclose(first["centroid_voxel"], [20, 17, 24], atol=0.01)
@@ -191,9 +193,11 @@ def test_predict_case_writes_outputs_on_the_input_grid(run_dir, tmp_path) -> Non
     assert 0.0 <= first["fracture_probability"] <= 1.0
     sizes = report["component_sizes"]
     assert len(sizes["probability_thresholds"]) == len(sizes["largest_component_mm3"]) == 19
-    assert report["patient_fracture_probability"] == pytest.approx(
-        max(v["fracture_probability"] for v in report["vertebrae"]))
-    assert result.patient_fracture == report["patient_fracture"]
+    assert report["patient_score"] == pytest.approx(max(v["fracture_probability"] for v in report["vertebrae"]))
+    assert report["patient_threshold"] == 0.5 and report["warnings"] == []
+    assert report["patient_fracture"] == (report["patient_score"] >= 0.5) == result.patient_fracture
+    assert report["region"]["mode"] == "spine" and report["region"]["source"] == "centroids"
+    assert 0.0 < report["region"]["region_fraction"] <= report["region"]["computed_fraction"] <= 1.0
 
     probabilities = nib.load(folder / "probabilities.nii.gz")
     assert probabilities.shape == (*image.shape, 2)
@@ -228,5 +232,232 @@ def test_predict_command_skips_a_bad_case_and_fails(run_dir, tmp_path) -> None: 
     report = json.loads((out / "good" / "report.json").read_text())
     assert all(v["source"] == "localised" for v in report["vertebrae"])
 
+    assert "deprecated" in result.output
+
     result = CliRunner().invoke(cli, ["predict", str(run_dir), "--out", str(out)])
-    assert result.exit_code == 1 and "INPUT" in result.output
+    assert result.exit_code == 1 and "SCAN" in result.output
+
+
+# ----------------------------------------------------------------------------------------------
+# Bundled models and model resolution
+
+
+@pytest.fixture(scope="module")
+def tiny_model():  # type: ignore[no-untyped-def]
+    from vfdetect.model import build_model
+
+    return build_model("3d", widths=(2,) * 8, fc_widths=(3, 3), seed=11)
+
+
+TINY_CONFIG = {"variant": "3d", "spacing": 2.0, "trainable_parameters": 1}
+
+
+@pytest.fixture()
+def bundled(tiny_model, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    import vfdetect.models
+
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    tiny_model.save(folder / "tiny.keras")
+    document = {**TINY_CONFIG, "name": "tiny", "headline": "A tiny untrained test network.",
+                "patient_threshold": 0.25, "card": "MODEL_CARD.md"}
+    (folder / "tiny.json").write_text(json.dumps(document))
+    (folder / "MODEL_CARD.md").write_text("# tiny\n")
+    (folder / "orphan.json").write_text("{}")  # no weights beside it: not a model
+    monkeypatch.setattr(vfdetect.models, "MODELS_DIR", folder)
+    return folder
+
+
+def test_bundled_registry_lists_and_loads_the_default(bundled) -> None:  # type: ignore[no-untyped-def]
+    from vfdetect.models import bundled_models, default_model_path
+    from vfdetect.predict import load_predictor
+
+    (model,) = bundled_models()
+    assert model.name == "tiny" and model.headline.startswith("A tiny") and model.patient_threshold == 0.25
+    assert model.card == bundled / "MODEL_CARD.md" and default_model_path() == bundled / "tiny.keras"
+    predictor = load_predictor()
+    assert predictor.name == "tiny" and predictor.spacing == 2.0 and predictor.patient_threshold == 0.25
+    assert predictor.model_path == bundled / "tiny.keras" and predictor.describe()["name"] == "tiny"
+
+
+def test_no_bundled_model_is_a_clear_error(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import vfdetect.models
+    from vfdetect.errors import InputError
+    from vfdetect.predict import load_predictor
+
+    monkeypatch.setattr(vfdetect.models, "MODELS_DIR", tmp_path / "empty")
+    assert vfdetect.models.bundled_models() == []
+    with pytest.raises(InputError, match="no bundled model in this installation; pass --model RUN_OR_FILE"):
+        load_predictor()
+
+
+def test_a_keras_file_finds_its_configuration(tiny_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from vfdetect.errors import InputError
+    from vfdetect.predict import load_predictor, resolve_model
+
+    tiny_model.save(tmp_path / "net.keras")
+    with pytest.raises(InputError, match="no configuration"):
+        resolve_model(tmp_path / "net.keras")
+    (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))
+    assert resolve_model(tmp_path / "net.keras")[1] == tmp_path / "config.json"
+    (tmp_path / "net.json").write_text(json.dumps({**TINY_CONFIG, "spacing": 3.0}))
+    assert load_predictor(tmp_path / "net.keras").spacing == 3.0  # the sibling JSON wins
+    with pytest.raises(InputError, match="not a model"):
+        resolve_model(tmp_path / "net.json")
+    with pytest.raises(InputError, match="not found"):
+        resolve_model(tmp_path / "missing.keras")
+
+
+def test_models_command_and_predict_with_the_bundled_model(bundled, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from vfdetect.cli import cli
+
+    listing = CliRunner().invoke(cli, ["models"])
+    assert listing.exit_code == 0, listing.output
+    assert "tiny (default): A tiny untrained test network." in listing.output and "MODEL_CARD.md" in listing.output
+    scan = tmp_path / "one_ct.nii.gz"
+    nib.save(_scan((30, 30, 36)), scan)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["predict", str(scan), "--out", str(out), "--no-overlay", "--region", "whole",
+                                      "--anchor-level", "L5"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "one" / "report.json").read_text())
+    assert report["model"]["name"] == "tiny" and report["patient_threshold"] == 0.25  # the model's own threshold
+    assert report["region"]["mode"] == "whole"
+    line = [row[row.index("one: ") :] for row in result.output.splitlines() if "one: " in row][0]
+    if report["patient_score"] is None:
+        assert "no spine found" in line and report["patient_fracture"] is None
+    else:
+        verdict = "no fracture" if report["patient_score"] < 0.25 else "fracture"
+        assert line.startswith(f"one: {verdict} (score {report['patient_score']:.3f}")
+        assert report["patient_fracture"] == (verdict == "fracture")
+    result = CliRunner().invoke(cli, ["predict", str(scan), "--out", str(out), "--no-overlay", "--quiet",
+                                      "--patient-threshold", "0.9", "--model", str(bundled / "tiny.keras")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "one" / "report.json").read_text())["patient_threshold"] == 0.9
+
+
+# ----------------------------------------------------------------------------------------------
+# The inference region
+
+
+def bone_stand_in(hr: np.ndarray, lr: np.ndarray) -> np.ndarray:
+    """A 'vertebra detector' stand-in: p(vertebra) rises with the intensity at the output voxel (bone),
+    split 0.7 / 0.3 into normal / fracture."""
+    out = [n - RF + 1 for n in hr.shape[1:4]]
+    centre = hr[:, MARGIN : MARGIN + out[0], MARGIN : MARGIN + out[1], MARGIN : MARGIN + out[2], 0]
+    vertebra = 1.0 / (1.0 + np.exp(-4.0 * (centre - 1.5)))
+    return np.stack([1.0 - vertebra, 0.7 * vertebra, 0.3 * vertebra], axis=-1)
+
+
+def _phantom(seed: int, **changes):  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from vfdetect.phantom import PhantomConfig, generate_phantom
+
+    config = dataclasses.replace(PhantomConfig.small(), **changes)
+    return generate_phantom(f"p{seed}", np.random.default_rng(seed), config)
+
+
+def _scores(result) -> list[float]:  # type: ignore[no-untyped-def]
+    return [v["fracture_probability"] for v in result.vertebrae]
+
+
+def test_centroid_boxes_cover_every_centroid_even_off_the_spine() -> None:
+    from vfdetect.predict import centroid_region
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = (-40.0, -40.0, -40.0)
+    region = centroid_region((40, 40, 40), affine, [(0.0, 0.0, 0.0), (36.0, -40.0, 0.0), (500.0, 0.0, 0.0)],
+                             across_mm=10.0, along_mm=6.0)
+    assert region[20, 20, 20] and region[38, 0, 20]  # the second centre sits at the volume's edge
+    assert region[15:26, 15:26, 17:24].all() and not region[20, 20, 25] and not region[20, 27, 20]
+    assert region.sum() == 11 * 11 * 7 + 7 * 6 * 7  # clipped at the edge; the third lies outside: nothing
+
+
+def test_spine_region_contains_the_phantom_column_and_not_a_blank_volume() -> None:
+    from scipy import ndimage
+
+    from vfdetect.predict import spine_region
+    from vfdetect.volume import body_mask, load_scan, to_internal, world_to_voxel
+
+    for seed in (1, 2):
+        case = _phantom(seed)
+        internal = to_internal(load_scan(case.image)[0], spacing=1.0)
+        hu = np.asarray(internal.array, dtype=np.float32)
+        region = spine_region(hu, 1.0, body_mask(hu))
+        depth = ndimage.distance_transform_edt(np.pad(region, 1, constant_values=False))[1:-1, 1:-1, 1:-1]
+        for vertebra in case.vertebrae:
+            voxel = np.clip(np.round(world_to_voxel(internal.affine, np.asarray(vertebra.position_mm))).astype(int),
+                            0, np.asarray(hu.shape) - 1)
+            # The centroid lies deep inside (or the region reaches the edge of the field of view there).
+            assert region[tuple(voxel)]
+            edge = min(min(voxel), min(np.asarray(hu.shape) - 1 - voxel))
+            assert depth[tuple(voxel)] >= min(20.0, edge + 1), (seed, vertebra.name)
+    blank = np.full((60, 60, 60), 40.0, dtype=np.float32)
+    assert not spine_region(blank, 1.0, np.ones(blank.shape, bool)).any()
+
+
+def test_region_inference_equals_whole_volume_inference(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    case = _phantom(3, ribs=False, pelvis=False)
+    network = Predictor(model=tiny_model, config={"variant": "3d", "spacing": 1.0})
+    stand_in_predictor = Predictor(model=None, config={"variant": "3d", "spacing": 1.0}, fn=bone_stand_in)
+    for predictor, centroids in [(network, case.vertebrae), (stand_in_predictor, case.vertebrae),
+                                 (stand_in_predictor, None)]:
+        results = {
+            region: predict_case(predictor, case.image, centroids, config=PredictConfig(region=region, write_overlay=False,
+                                                                                        map_dtype="float32"))
+            for region in ("whole", "spine")
+        }
+        whole, spine = results["whole"], results["spine"]
+        assert [v["name"] for v in spine.vertebrae] == [v["name"] for v in whole.vertebrae]
+        assert len(spine.vertebrae) >= (len(case.vertebrae) if centroids else 1)
+        np.testing.assert_allclose(_scores(spine), _scores(whole), atol=1e-6)
+        assert spine.patient_fracture == whole.patient_fracture and spine.warnings == []
+        assert spine.report["region"]["source"] == ("centroids" if centroids else "bone")
+
+
+def test_vertebra_at_the_edge_of_the_field_of_view_is_scored() -> None:
+    from vfdetect.volume import world_to_voxel
+
+    case = _phantom(4, ribs=False, pelvis=False)
+    top = max(case.vertebrae, key=lambda v: v.position_mm[2])
+    array = np.asarray(case.image.dataobj)
+    voxel = world_to_voxel(case.image.affine, np.asarray(top.position_mm))
+    # Cut the scan 4 voxels beyond the top vertebra's centroid along the axis closest to superior.
+    axis = int(np.argmax(np.abs(case.image.affine[2, :3])))
+    upward = case.image.affine[2, axis] > 0
+    keep = [slice(None)] * 3
+    keep[axis] = slice(0, int(voxel[axis]) + 5) if upward else slice(int(voxel[axis]) - 4, None)
+    affine = case.image.affine.copy()
+    if not upward:
+        affine[:3, 3] += affine[:3, axis] * (int(voxel[axis]) - 4)
+    cut = nib.Nifti1Image(array[tuple(keep)], affine)
+    predictor = Predictor(model=None, config={"variant": "3d", "spacing": 1.0}, fn=bone_stand_in)
+    config = PredictConfig(write_overlay=False, map_dtype="float32")
+    spine = predict_case(predictor, cut, None, config=config)
+    whole = predict_case(predictor, cut, None, config=PredictConfig(region="whole", write_overlay=False,
+                                                                    map_dtype="float32"))
+    np.testing.assert_allclose(_scores(spine), _scores(whole), atol=1e-6)
+    highest = max(whole.vertebrae, key=lambda v: v["centroid_mm"][2])
+    assert highest["centroid_mm"][2] > top.position_mm[2] - 25.0  # the cut vertebra is among those scored
+    given = predict_case(predictor, cut, [top], config=config)
+    assert given.vertebrae[0]["fracture_probability"] > 0.0  # inside the computed region
+
+
+def test_blank_volume_says_no_spine_found(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    calls = []
+
+    def counting(hr: np.ndarray, lr: np.ndarray) -> np.ndarray:
+        calls.append(1)
+        return bone_stand_in(hr, lr)
+
+    predictor = Predictor(model=None, config={"variant": "3d", "spacing": 1.0}, fn=counting)
+    blank = nib.Nifti1Image(np.full((50, 50, 60), 30, dtype=np.int16), np.eye(4))
+    result = predict_case(predictor, blank, None, case="blank", out_dir=tmp_path, config=PredictConfig())
+    assert not calls and result.vertebrae == [] and math.isnan(result.patient_score)
+    assert result.patient_fracture is None and "no spine found" in result.warnings[0]
+    report = json.loads((tmp_path / "blank" / "report.json").read_text())
+    assert report["patient_score"] is None and report["patient_fracture"] is None
+    assert report["region"]["computed_fraction"] == 0.0 and "no spine found" in report["warnings"][0]

@@ -13,14 +13,19 @@ Vertebra level
     a vertebra is predicted "fracture" when its score reaches ``vertebra_threshold`` (default 0.5).
 
 Patient level
-    Voxels with p(fracture) >= a probability threshold, grouped into connected components
+    One rule gives both the score and the decision (:data:`PATIENT_RULE`): the patient score is
+    the highest vertebra score (:func:`patient_score`; NaN when no vertebra was scored) and the
+    patient is called "fracture" when it reaches the patient threshold (:func:`patient_decision`;
+    default 0.5, a model may carry its own). The score ranks patients; it is not a calibrated
+    probability.
+
+    The paper's component rule is kept as secondary information for its patient-level ROC:
+    voxels with p(fracture) >= a probability threshold, grouped into connected components
     (26-connectivity); components smaller than a noise threshold (mm^3) are discarded and the
-    patient is positive when any remains (:func:`patient_positive`). Because the decision only
+    patient is positive when any remains (:func:`patient_positive`). Because that decision only
     depends on the largest component, :func:`largest_components` stores its size for a grid of
     probability thresholds; any (probability, noise) pair on that grid can be evaluated later
-    without the map. The continuous patient score used for ROC work is
-    :func:`patient_score`: the maximum vertebra score (or, with no vertebra, the maximum of the
-    Gaussian-weighted cube mean over the whole map).
+    without the map.
 
 Localisation
     :func:`localise_vertebrae` finds vertebral bodies in p(vertebra) = p(normal) + p(fracture)
@@ -46,6 +51,9 @@ DEFAULT_STEP_MM = 1.0
 DEFAULT_VERTEBRA_THRESHOLD = 0.5
 DEFAULT_PROBABILITY_THRESHOLD = 0.5
 DEFAULT_NOISE_THRESHOLD_MM3 = 500.0
+DEFAULT_PATIENT_THRESHOLD = 0.5
+PATIENT_RULE = "fracture when the highest vertebra score (patient_score) >= {threshold:g}"
+"""The patient rule: the decision is the patient score (maximum vertebra score) against one threshold."""
 COMPONENT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * step, 2) for step in range(1, 20))
 """Probability thresholds at which the largest fracture component is stored (0.05 ... 0.95)."""
 
@@ -204,7 +212,11 @@ def largest_components(
 
 
 def patient_positive(largest_mm3_at_threshold: float, noise_threshold_mm3: float = DEFAULT_NOISE_THRESHOLD_MM3) -> bool:
-    """Patient-level decision: a fracture component of at least ``noise_threshold_mm3`` survives."""
+    """The paper's component rule: a fracture component of at least ``noise_threshold_mm3`` survives.
+
+    Secondary: it builds the paper's patient-level convex-hull ROC from stored component sizes; the
+    report's patient decision is :func:`patient_decision`.
+    """
     return bool(largest_mm3_at_threshold > 0 and largest_mm3_at_threshold >= noise_threshold_mm3)
 
 
@@ -221,33 +233,29 @@ def largest_at(
     return float(largest_mm3[index])
 
 
-def patient_score(
-    vertebra_results: Sequence[dict[str, Any]],
-    fracture_probability: Any | None = None,
-    cube_edge_mm: float = DEFAULT_CUBE_EDGE_MM,
-    sigma_mm: float | None = DEFAULT_SIGMA_MM,
-) -> float:
-    """Continuous patient score for ROC work: the maximum vertebra score.
+def patient_score(vertebra_results: Sequence[dict[str, Any]]) -> float:
+    """The patient score: the highest vertebra score (``fracture_probability``) among the scored
+    vertebrae; NaN when no vertebra was scored (none given or found, or all outside the map).
 
-    With no scored vertebra, the maximum over the map of the same Gaussian-weighted cube mean
-    (the score a vertebra would get if centred anywhere), computed on the map's own voxels.
+    It is a ranking score, not a calibrated probability.
     """
-    scores = [r["fracture_probability"] for r in vertebra_results if not math.isnan(r["fracture_probability"])]
-    if scores:
-        return float(max(scores))
-    if fracture_probability is None:
-        return 0.0
-    array, affine = _array_and_affine(fracture_probability)
-    spacing = np.sqrt(np.sum(affine[:3, :3] ** 2, axis=0))
-    if sigma_mm is None:
-        size = np.maximum(1, np.round(cube_edge_mm / spacing)).astype(int)
-        smoothed = ndimage.uniform_filter(np.asarray(array, dtype=np.float32), size=tuple(size), mode="constant")
-    else:
-        truncate = (cube_edge_mm / 2.0) / sigma_mm
-        smoothed = ndimage.gaussian_filter(
-            np.asarray(array, dtype=np.float32), sigma=tuple(sigma_mm / spacing), truncate=truncate, mode="constant"
-        )
-    return float(np.clip(smoothed.max(), 0.0, 1.0)) if smoothed.size else 0.0
+    scores = [float(r["fracture_probability"]) for r in vertebra_results]
+    finite = [score for score in scores if math.isfinite(score)]
+    return float(max(finite)) if finite else float("nan")
+
+
+def patient_decision(score: float, threshold: float = DEFAULT_PATIENT_THRESHOLD) -> bool | None:
+    """The patient decision of :data:`PATIENT_RULE`: ``score >= threshold``; None for a NaN score."""
+    if not 0.0 < threshold <= 1.0:
+        raise VfdetectError(f"the patient threshold must lie in (0, 1], got {threshold}")
+    if math.isnan(score):
+        return None
+    return bool(score >= threshold)
+
+
+def patient_rule(threshold: float) -> str:
+    """One line stating the patient rule with its threshold (written into each report)."""
+    return PATIENT_RULE.format(threshold=threshold)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth-labels": ("synth_labels", "Build label images (ellipsoids) from centroids and Genant grades."),
     "train": ("train", "Train the dual-pathway network on a manifest and its label images."),
     "predict": ("predict", "Predict fracture probability maps and vertebra/patient scores."),
+    "models": ("models", "List the trained models bundled with this installation."),
     "evaluate": ("evaluate", "ROC, convex-hull and bootstrapped AUC from saved predictions."),
     "cv": ("cv", "Stratified k-fold cross-validation end to end."),
     "figures": ("figures", "Reproduce the paper's figures from saved outputs."),

@@ -18,12 +18,23 @@ depend on the tile size or the batch size (up to float rounding in the convoluti
 are no seams. Tile sizes are balanced per axis (``ceil(n / tiles)`` rounded up to the factor) so
 little is computed beyond the volume.
 
-Whole cases: :func:`load_predictor` reads a run folder (``model.keras`` and ``config.json`` with the
-``variant`` and the ``spacing`` of the internal frame), :func:`predict_case` takes a NIfTI path, a
+Whole cases: :func:`load_predictor` loads the bundled default model (:mod:`vfdetect.models`), a run
+folder (``model.keras`` and ``config.json`` with the ``variant`` and the ``spacing`` of the internal
+frame) or a ``.keras`` file with its JSON configuration. :func:`predict_case` takes a NIfTI path, a
 DICOM folder or an in-memory nibabel image, prepares it exactly as training did (internal frame,
-z-score over the body mask, LR fill = corner mean), predicts, scores the vertebrae (given centroids
-or :func:`vfdetect.aggregate.localise_vertebrae`) and the patient, and writes the case folder;
+z-score over the body mask, LR fill = corner mean), predicts inside the inference region, scores
+the vertebrae (given centroids or :func:`vfdetect.aggregate.localise_vertebrae`) and the patient
+(one rule: the highest vertebra score against the patient threshold), and writes the case folder;
 :func:`predict_cases` runs a list of cases, skipping failures, and writes ``summary.csv``.
+
+Inference region. Fractures only exist in vertebrae, so by default the network runs only where a
+vertebra can be (:func:`inference_region`): boxes around given centroids (+-30 mm across, +-25 mm
+along the spine, far more than the 10 mm scoring cube needs), or, without centroids, the vertebral
+column found in bone by :func:`spine_region` and dilated by 25 mm. Only the output block is
+restricted: every computed voxel still reads the real image around it, so inside the region the
+map equals whole-volume inference exactly; outside it every voxel is background. A scan without
+bone (a blank volume) has no spine region, no vertebrae and the warning "no spine found".
+``PredictConfig(region="whole")`` gives whole-volume inference.
 ``precision="bfloat16"`` runs :func:`fold_model`'s copy with BatchNorm folded into the convolutions.
 
 Memory: the padded volume is never materialised; each tile's window is gathered from the unpadded
@@ -171,6 +182,24 @@ def _tile_inputs(
     return extract_segments(window, local_start, hr_shape, geometry, fill_value)
 
 
+def _tiled_box(
+    shape: Sequence[int], geometry: NetworkGeometry, mask: np.ndarray | None
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Start and size of the block to tile: the whole volume, or the mask's bounding box with its start
+    rounded down to a multiple of the subsampling factor (so the LR phase, hence every value, is kept)."""
+    if mask is None:
+        return (0, 0, 0), tuple(int(n) for n in shape)  # type: ignore[return-value]
+    if not mask.any():
+        return (0, 0, 0), (0, 0, 0)
+    start, stop = [], []
+    for axis, factor in enumerate(geometry.subsample_factor):
+        other = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(mask.any(axis=other))
+        start.append((int(present[0]) // factor) * factor)
+        stop.append(int(present[-1]) + 1)
+    return tuple(start), tuple(b - a for a, b in zip(start, stop, strict=True))  # type: ignore[return-value]
+
+
 def predict_volume(
     image: np.ndarray,
     predictor: Predictor_fn,
@@ -182,6 +211,7 @@ def predict_volume(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     quiet: bool = True,
     dtype: Any = np.float32,
+    stats: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Probabilities ``(X, Y, Z, C)`` (``dtype``, C = 3: background, normal, fracture) for a whole volume.
 
@@ -190,8 +220,11 @@ def predict_volume(
     and balanced per axis); by default the largest that fits ``memory_budget_bytes`` with
     ``batch_size`` tiles per call (:func:`choose_tile_shape`). ``fill_value`` (default: the mean of
     the 8 corner voxels, as in training) is what the LR context reads outside the padded volume.
-    With ``mask`` (bool, same shape), tiles whose output block holds no mask voxel are skipped and
-    get p(background) = 1. ``dtype=np.float16`` halves the output's memory (probabilities to about
+    With ``mask`` (bool, same shape), only the mask's bounding box is tiled (tiles start on multiples
+    of the subsampling factor, so the values do not change), tiles whose output block holds no mask
+    voxel are skipped, and every voxel no tile computed gets p(background) = 1; an empty mask computes
+    nothing. A ``stats`` dict receives ``tiles``, ``tile_output_shape`` and ``computed_voxels``
+    (output voxels inside the volume that a tile computed). ``dtype=np.float16`` halves the output's memory (probabilities to about
     1e-3). See the module docstring for why the result does not depend on tiling.
     """
     image = np.asarray(image)
@@ -209,17 +242,28 @@ def predict_volume(
     if tile_shape is None:
         tile_shape = choose_tile_shape(image.shape, geometry, batch_size, memory_budget_bytes, output_itemsize=dtype.itemsize)
     limit = geometry.output_shape(tile_shape)
-    out_shape = tile_output_shape(image.shape, geometry, limit)
+    origin, extent = _tiled_box(image.shape, geometry, mask)
+    out_shape = tile_output_shape(extent if min(extent) > 0 else image.shape, geometry, limit)
     hr_shape = geometry.input_shape(out_shape)
     index_maps = _reflect_index_maps(image.shape, geometry)
-    starts = tile_starts(image.shape, out_shape)
+    starts = [
+        (x + origin[0], y + origin[1], z + origin[2]) for x, y, z in tile_starts(extent, out_shape)
+    ] if min(extent) > 0 else []
     if mask is not None:
         starts = [
             s for s in starts if mask[s[0] : s[0] + out_shape[0], s[1] : s[1] + out_shape[1], s[2] : s[2] + out_shape[2]].any()
         ]
+    if stats is not None:
+        stats["tiles"] = len(starts)
+        stats["tile_output_shape"] = list(out_shape)
+        stats["computed_voxels"] = int(sum(
+            np.prod([min(o, n - s) for s, o, n in zip(start, out_shape, image.shape, strict=True)]) for start in starts
+        ))
 
     probabilities = np.zeros((*image.shape, N_CLASSES), dtype=dtype)
     probabilities[..., 0] = 1.0
+    if not starts:
+        return probabilities
     from tqdm import tqdm
 
     with tqdm(total=len(starts), desc="tiles", unit="tile", disable=quiet, leave=False) as bar:
@@ -294,13 +338,17 @@ def keras_predictor(model: Any, precision: str = "float32") -> Predictor_fn:
 
 @dataclass
 class Predictor:
-    """A trained model ready for inference, with its run folder's configuration."""
+    """A trained model ready for inference, with its configuration (a run's ``config.json`` or a
+    bundled model's JSON). ``model`` may be None when ``fn`` is given (a stand-in for tests); the
+    geometry then follows the configured ``variant``."""
 
     model: Any
     config: dict[str, Any]
     run_dir: Path | None = None
     precision: str = "float32"
     fn: Predictor_fn | None = field(default=None, repr=False)
+    model_path: Path | None = None
+    name: str | None = None
 
     def __post_init__(self) -> None:
         if self.fn is None:
@@ -315,46 +363,303 @@ class Predictor:
         return float(self.config.get("spacing", 1.0))
 
     @property
+    def patient_threshold(self) -> float | None:
+        """The model's own patient threshold (``patient_threshold`` in its configuration), if any."""
+        value = self.config.get("patient_threshold")
+        return None if value is None else float(value)
+
+    @property
     def geometry(self) -> NetworkGeometry:
+        if self.model is None:
+            from vfdetect.geometry import geometry_for
+
+            return geometry_for(self.variant)
         from vfdetect.model import geometry_of
 
         return geometry_of(self.model)
 
     def describe(self) -> dict[str, Any]:
         """What the report says about the model."""
-        keys = ("variant", "spacing", "trainable_parameters", "seed", "epochs")
+        keys = ("variant", "spacing", "trainable_parameters", "seed", "epochs", "patient_threshold")
         info = {key: self.config[key] for key in keys if key in self.config}
+        info["name"] = self.name
         info["run"] = None if self.run_dir is None else str(self.run_dir)
+        info["file"] = None if self.model_path is None else str(self.model_path)
         info["precision"] = self.precision
         return info
 
 
-def load_predictor(
-    run_dir: str | Path, precision: str = "float32", threads: int | None = 2, model_file: str = "model.keras"
-) -> Predictor:
-    """Load ``run_dir/model.keras`` and ``run_dir/config.json`` (everything inference needs)."""
+def _read_config(path: Path, what: str) -> dict[str, Any]:
     import json
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise InputError(run_dir, "run folder not found")
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise InputError(config_path, "run folder has no config.json (not a training run?)")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise InputError(config_path, f"cannot read the run configuration ({error})") from None
+        raise InputError(path, f"cannot read the {what} ({error})") from None
     if not isinstance(config, dict):
-        raise InputError(config_path, "run configuration must be a JSON object")
-    model_path = run_dir / model_file
-    if not model_path.is_file():
-        raise InputError(model_path, "trained model not found in the run folder")
+        raise InputError(path, f"the {what} must be a JSON object")
+    return config
+
+
+def resolve_model(model: str | Path | None = None, model_file: str = "model.keras") -> tuple[Path, Path, str | None]:
+    """``(weights, config, name)`` of a model given as None (the bundled default), a run folder
+    (``config.json`` + ``model_file``) or a ``.keras`` file (configuration from the sibling
+    ``<stem>.json``, else the ``config.json`` of the folder it sits in)."""
+    if model is None:
+        from vfdetect.models import default_model
+
+        bundled = default_model()
+        if not bundled.weights.is_file():
+            raise InputError(bundled.weights, "bundled model weights are missing")
+        return bundled.weights, bundled.config_path, bundled.name
+    path = Path(model)
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise InputError(config_path, "run folder has no config.json (not a training run?)")
+        weights = path / model_file
+        if not weights.is_file():
+            raise InputError(weights, "trained model not found in the run folder")
+        return weights, config_path, None
+    if path.suffix == ".keras":
+        if not path.is_file():
+            raise InputError(path, "model file not found")
+        for candidate in (path.with_suffix(".json"), path.parent / "config.json"):
+            if candidate.is_file():
+                return path, candidate, None
+        raise InputError(path, f"no configuration beside the model (expected {path.stem}.json or config.json)")
+    if not path.exists():
+        raise InputError(path, "model not found (give a run folder or a .keras file)")
+    raise InputError(path, "not a model: give a run folder (config.json + model.keras) or a .keras file")
+
+
+def load_predictor(
+    model: str | Path | None = None,
+    precision: str = "float32",
+    threads: int | None = 2,
+    model_file: str = "model.keras",
+) -> Predictor:
+    """Load a model and its configuration (everything inference needs).
+
+    ``model``: None for the bundled default model (:mod:`vfdetect.models`; :class:`InputError` when
+    this installation has none), a training run folder (``model_file`` and ``config.json``), or a
+    ``.keras`` file whose configuration is the sibling ``<stem>.json`` or the ``config.json`` of its
+    folder (see :func:`resolve_model`).
+    """
+    weights, config_path, name = resolve_model(model, model_file)
+    config = _read_config(config_path, "model configuration")
     configure_threads(threads)
     from vfdetect.model import load_model
 
-    model = load_model(model_path)
-    return Predictor(model=model, config=config, run_dir=run_dir, precision=precision)
+    network = load_model(weights)
+    run_dir = weights.parent if config_path.name == "config.json" else None
+    return Predictor(model=network, config=config, run_dir=run_dir, precision=precision, model_path=weights,
+                     name=name or config.get("name"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Where to run the network: the spine region
+# ----------------------------------------------------------------------------------------------
+
+REGION_MODES: tuple[str, ...] = ("spine", "whole")
+"""``spine``: the network runs only where a vertebra can be (default); ``whole``: over the whole
+volume (minus air tiles when ``PredictConfig.skip_air``)."""
+
+
+@dataclass(frozen=True)
+class SpineRegionConfig:
+    """Parameters of the inference region (lengths in mm, on the internal frame).
+
+    With centroids: a box of +-``box_across_mm`` (x, y) and +-``box_along_mm`` (z) around each.
+    Without: :func:`spine_region` finds the vertebral column in bone (HU > ``bone_hu``) on a coarse
+    grid of ``coarse_mm`` blocks (a block is bone when at least ``bone_fraction`` of it is, which
+    also drops specks smaller than that), per axial slab of ``slab_mm``; see its docstring.
+    """
+
+    box_across_mm: float = 30.0
+    box_along_mm: float = 25.0
+    bone_hu: float = 200.0
+    coarse_mm: float = 4.0
+    bone_fraction: float = 0.1
+    slab_mm: float = 20.0
+    blob_sigma_mm: float = 8.0
+    midline_sigma_mm: float = 40.0
+    anterior_sigma_mm: float = 40.0
+    min_column_density: float = 0.03
+    max_jump_mm: float = 25.0
+    reach_mm: float = 45.0
+    margin_mm: float = 25.0
+
+    def __post_init__(self) -> None:
+        for name in ("box_across_mm", "box_along_mm", "coarse_mm", "slab_mm", "blob_sigma_mm", "midline_sigma_mm",
+                     "anterior_sigma_mm", "max_jump_mm", "reach_mm"):
+            if not getattr(self, name) > 0:
+                raise VfdetectError(f"spine region {name} must be positive")
+        if self.margin_mm < 0 or not 0.0 < self.bone_fraction <= 1.0 or self.min_column_density < 0:
+            raise VfdetectError("spine region margin must be >= 0, bone_fraction in (0, 1], min_column_density >= 0")
+
+
+def centroid_region(
+    shape: Sequence[int], affine: np.ndarray, centres_mm: Sequence[Sequence[float]],
+    across_mm: float = 30.0, along_mm: float = 25.0,
+) -> np.ndarray:
+    """Union of boxes of +-``across_mm`` (x, y) and +-``along_mm`` (z, world axes) around each centre,
+    on a grid with an axis-aligned ``affine`` (the internal frame); parts outside the grid are dropped."""
+    region = np.zeros(tuple(int(n) for n in shape), dtype=bool)
+    inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    half = np.array([across_mm, across_mm, along_mm], dtype=np.float64)
+    for centre in centres_mm:
+        corners = np.array([np.asarray(centre, dtype=np.float64) + sign * half for sign in (-1.0, 1.0)])
+        voxels = corners @ inverse[:3, :3].T + inverse[:3, 3]
+        low = np.clip(np.floor(voxels.min(axis=0)).astype(int), 0, region.shape)
+        high = np.clip(np.ceil(voxels.max(axis=0)).astype(int) + 1, 0, region.shape)
+        region[low[0] : high[0], low[1] : high[1], low[2] : high[2]] = True
+    return region
+
+
+def _block_mean(mask: np.ndarray, factor: int) -> np.ndarray:
+    """Fraction of True voxels in each ``factor``-cube block (the last blocks padded with False)."""
+    if factor == 1:
+        return mask.astype(np.float32)
+    padded_shape = [_round_up(n, factor) for n in mask.shape]
+    padded = np.zeros(padded_shape, dtype=np.float32)
+    padded[: mask.shape[0], : mask.shape[1], : mask.shape[2]] = mask
+    blocks = padded.reshape(padded_shape[0] // factor, factor, padded_shape[1] // factor, factor,
+                            padded_shape[2] // factor, factor)
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+def _column_track(
+    bone: np.ndarray, body: np.ndarray, slab: int, coarse_mm: float, config: SpineRegionConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per slab of ``slab`` coarse slices: the (x, y) of the vertebral column (coarse voxels) and
+    whether bone was found there. Slabs without enough bone between found ones are interpolated,
+    and picks jumping more than ``max_jump_mm`` from the running median are replaced by it."""
+    from scipy import ndimage
+
+    nx, ny, nz = bone.shape
+    x_axis = np.arange(nx, dtype=np.float64)[:, None]
+    y_axis = np.arange(ny, dtype=np.float64)[None, :]
+    starts = list(range(0, nz, slab))
+    picks = np.zeros((len(starts), 2))
+    found = np.zeros(len(starts), dtype=bool)
+    for index, z0 in enumerate(starts):
+        density = ndimage.gaussian_filter(bone[:, :, z0 : z0 + slab].mean(axis=2), config.blob_sigma_mm / coarse_mm)
+        inside = body[:, :, z0 : z0 + slab].any(axis=2)
+        centre_x, centre_y = (np.argwhere(inside).mean(axis=0) if inside.any() else ((nx - 1) / 2, (ny - 1) / 2))
+        # Midline, and behind the body's centre (internal frame: +y is anterior).
+        midline = np.exp(-(((x_axis - centre_x) * coarse_mm) ** 2) / (2 * config.midline_sigma_mm**2))
+        in_front = np.maximum(0.0, (y_axis - centre_y) * coarse_mm)
+        posterior = np.exp(-(in_front**2) / (2 * config.anterior_sigma_mm**2))
+        best = np.unravel_index(int(np.argmax(density * midline * posterior)), density.shape)
+        picks[index] = best
+        found[index] = density[best] >= config.min_column_density
+    if not found.any():
+        return picks, found
+    valid = np.flatnonzero(found)
+    span = np.arange(valid[0], valid[-1] + 1)
+    for axis in range(2):
+        picks[span, axis] = np.interp(span, valid, picks[valid, axis])
+    found[span] = True
+    median = np.stack([ndimage.median_filter(picks[span, axis], size=5, mode="mirror") for axis in range(2)], axis=1)
+    jumps = np.linalg.norm(picks[span] - median, axis=1) * coarse_mm > config.max_jump_mm
+    picks[span[jumps]] = median[jumps]
+    return picks, found
+
+
+def spine_region(
+    hu: np.ndarray, spacing: float, body: np.ndarray | None = None, config: SpineRegionConfig = SpineRegionConfig()
+) -> np.ndarray:
+    """Where a vertebra can be in a scan on the internal frame (``[x, y, z]`` RAS, isotropic
+    ``spacing`` mm); an all-False mask when no spine is found (no bone, e.g. a blank volume).
+
+    Steps, on a coarse grid of about ``coarse_mm`` blocks: bone = blocks with at least
+    ``bone_fraction`` of voxels above ``bone_hu`` (drops specks: a small opening); for each axial
+    slab of ``slab_mm``, the bone density of the slab smoothed by ``blob_sigma_mm`` (a vertebra is
+    the largest compact bone cross-section), weighted by a Gaussian of the distance to the body's
+    mid-line (``midline_sigma_mm``) and one of the distance in front of the body's centre
+    (``anterior_sigma_mm``; the column lies behind it), and its maximum is the column's track point
+    (kept when the density there reaches ``min_column_density``). The track is interpolated over
+    slabs without bone between slabs with bone and cleaned of jumps; the slab's bone within
+    ``reach_mm`` of the track point (body, arch and processes) is the core, which is dilated by
+    ``margin_mm`` in 3D (plus one coarse block for the grid's coarseness).
+    """
+    from scipy import ndimage
+
+    hu = np.asarray(hu)
+    factor = max(1, int(round(config.coarse_mm / spacing)))
+    coarse_mm = factor * float(spacing)
+    bone = _block_mean(hu > config.bone_hu, factor) >= config.bone_fraction
+    region = np.zeros(hu.shape, dtype=bool)
+    if not bone.any():
+        return region
+    body_coarse = bone if body is None else _block_mean(np.asarray(body, dtype=bool), factor) >= 0.5
+    slab = max(1, int(round(config.slab_mm / coarse_mm)))
+    picks, found = _column_track(bone.astype(np.float32), body_coarse, slab, coarse_mm, config)
+    if not found.any():
+        return region
+    core = np.zeros(bone.shape, dtype=bool)
+    xs = np.arange(bone.shape[0])[:, None]
+    ys = np.arange(bone.shape[1])[None, :]
+    reach = config.reach_mm / coarse_mm
+    for index in np.flatnonzero(found):
+        z0 = index * slab
+        distance = np.hypot(xs - picks[index, 0], ys - picks[index, 1])
+        slab_bone = bone[:, :, z0 : z0 + slab].any(axis=2) & (distance <= reach)
+        slab_bone |= distance <= max(1.0, 8.0 / coarse_mm)
+        core[:, :, z0 : z0 + slab] |= slab_bone[:, :, None]
+    near = ndimage.distance_transform_edt(~core, sampling=coarse_mm) <= config.margin_mm + coarse_mm
+    for axis in range(3):
+        near = np.repeat(near, factor, axis=axis)
+    region[...] = near[: hu.shape[0], : hu.shape[1], : hu.shape[2]]
+    return region
+
+
+@dataclass(frozen=True)
+class InferenceRegion:
+    """Where :func:`predict_case` runs the network: ``mask`` (None: everywhere) and whether values
+    outside it are forced to background (``restrict``), with a description for the report."""
+
+    mode: str
+    source: str
+    mask: np.ndarray | None
+    restrict: bool
+
+    def describe(self, computed_voxels: int, total_voxels: int) -> dict[str, Any]:
+        inside = total_voxels if self.mask is None else int(np.count_nonzero(self.mask))
+        return {
+            "mode": self.mode,
+            "source": self.source,
+            "region_fraction": round(inside / max(total_voxels, 1), 4),
+            "computed_fraction": round(computed_voxels / max(total_voxels, 1), 4),
+        }
+
+
+def inference_region(
+    mode: str,
+    hu: np.ndarray,
+    affine: np.ndarray,
+    body: np.ndarray,
+    centres_mm: Sequence[Sequence[float]] | None,
+    skip_air: bool = True,
+    config: SpineRegionConfig = SpineRegionConfig(),
+) -> InferenceRegion:
+    """The region for ``mode`` (:data:`REGION_MODES`): ``whole`` = the body's tiles (``skip_air``) or
+    everything; ``spine`` = boxes around the given centres, or :func:`spine_region` (within the body
+    mask when there is one) without them."""
+    if mode not in REGION_MODES:
+        raise VfdetectError(f"unknown region {mode!r}; choose one of {', '.join(REGION_MODES)}")
+    if mode == "whole":
+        use_body = skip_air and bool(body.any())
+        return InferenceRegion("whole", "body" if use_body else "volume", body if use_body else None, restrict=False)
+    if centres_mm is not None:
+        mask = centroid_region(hu.shape, affine, centres_mm, config.box_across_mm, config.box_along_mm)
+        return InferenceRegion("spine", "centroids", mask, restrict=True)
+    spacing = float(np.sqrt(np.sum(np.asarray(affine)[:3, 0] ** 2)))
+    mask = spine_region(hu, spacing, body, config)
+    if body.any():
+        mask &= body  # vertebrae lie inside the body: no need to compute the air around a cropped scan
+    return InferenceRegion("spine", "bone", mask, restrict=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,20 +669,29 @@ def load_predictor(
 
 @dataclass(frozen=True)
 class PredictConfig:
-    """Settings of :func:`predict_case` (scores, thresholds, tiling, outputs).
+    """Settings of :func:`predict_case` (scores, thresholds, region, tiling, outputs).
 
-    ``map_dtype`` is the dtype of the internal probability map (float16 halves its memory; the
-    files store probabilities in steps of 1/255 anyway). ``memory_budget_bytes`` covers the map,
-    the normalised scan, the body mask and the overlay's copy of the scan.
+    ``patient_threshold``: the patient is called "fracture" when its score (the highest vertebra
+    score) reaches it; None takes the model's own (``patient_threshold`` in its configuration), else
+    0.5 (:data:`vfdetect.aggregate.DEFAULT_PATIENT_THRESHOLD`). ``probability_threshold`` and
+    ``component_thresholds`` only set where the report's secondary connected-component sizes are
+    measured. ``region``: ``"spine"`` (default) runs the network only where a vertebra can be
+    (:func:`inference_region`, tuned by ``spine_region``), ``"whole"`` over the whole volume
+    (skipping air tiles with ``skip_air``). ``map_dtype`` is the dtype of the internal probability
+    map (float16 halves its memory; the files store probabilities in steps of 1/255 anyway).
+    ``memory_budget_bytes`` covers the map, the normalised scan, the body mask and the overlay's
+    copy of the scan.
     """
 
     cube_edge_mm: float = 10.0
     sigma_mm: float | None = 5.0
     vertebra_threshold: float = 0.5
+    patient_threshold: float | None = None
     probability_threshold: float = 0.5
-    noise_threshold_mm3: float = 500.0
     component_thresholds: tuple[float, ...] = ()
     anchor_level: str | None = None
+    region: str = "spine"
+    spine_region: SpineRegionConfig = SpineRegionConfig()
     tile_shape: tuple[int, int, int] | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
@@ -391,42 +705,62 @@ class PredictConfig:
 
         if not self.component_thresholds:
             object.__setattr__(self, "component_thresholds", COMPONENT_THRESHOLDS)
+        if isinstance(self.spine_region, Mapping):
+            object.__setattr__(self, "spine_region", SpineRegionConfig(**self.spine_region))
         if not 0.0 < self.probability_threshold <= 1.0:
             raise VfdetectError("the probability threshold must lie in (0, 1]")
-        if self.noise_threshold_mm3 < 0:
-            raise VfdetectError("the noise threshold must be >= 0 mm^3")
+        if self.patient_threshold is not None and not 0.0 < self.patient_threshold <= 1.0:
+            raise VfdetectError("the patient threshold must lie in (0, 1]")
+        if self.region not in REGION_MODES:
+            raise VfdetectError(f"unknown region {self.region!r}; choose one of {', '.join(REGION_MODES)}")
         if self.cube_edge_mm <= 0:
             raise VfdetectError("the cube edge must be positive")
         if self.batch_size < 1:
             raise VfdetectError("batch_size must be >= 1")
 
-    def thresholds(self) -> dict[str, Any]:
+    def resolved_patient_threshold(self, predictor: Predictor | None = None) -> float:
+        """This config's patient threshold, else the model's, else the default 0.5."""
+        from vfdetect.aggregate import DEFAULT_PATIENT_THRESHOLD
+
+        if self.patient_threshold is not None:
+            return float(self.patient_threshold)
+        if predictor is not None and predictor.patient_threshold is not None:
+            return predictor.patient_threshold
+        return DEFAULT_PATIENT_THRESHOLD
+
+    def thresholds(self, patient_threshold: float | None = None) -> dict[str, Any]:
         return {
-            "probability": self.probability_threshold,
-            "noise_mm3": self.noise_threshold_mm3,
             "vertebra": self.vertebra_threshold,
+            "patient": self.patient_threshold if patient_threshold is None else patient_threshold,
+            "component_probability": self.probability_threshold,
             "cube_edge_mm": self.cube_edge_mm,
             "sigma_mm": self.sigma_mm,
         }
+
+
+NO_SPINE_WARNING = "no spine found: no vertebra given or localised, so there is no patient score or decision"
 
 
 @dataclass
 class CaseResult:
     """What :func:`predict_case` found for one scan.
 
-    ``vertebrae``: one dict per vertebra (see :mod:`vfdetect.report`); ``report``: the report.json
-    content; ``paths``: output name -> file (empty without an output folder); with
-    ``PredictConfig(keep_maps=True)``, ``probabilities`` holds the internal-frame (X, Y, Z, 3) map
-    (a :class:`vfdetect.volume.Volume`).
+    ``vertebrae``: one dict per vertebra (see :mod:`vfdetect.report`); ``patient_score``: the
+    highest vertebra score (NaN without vertebrae); ``patient_fracture``: ``patient_score >=
+    patient_threshold`` (None without vertebrae); ``report``: the report.json content; ``paths``:
+    output name -> file (empty without an output folder); with ``PredictConfig(keep_maps=True)``,
+    ``probabilities`` holds the internal-frame (X, Y, Z, 3) map (a :class:`vfdetect.volume.Volume`).
     """
 
     case: str
     vertebrae: list[dict[str, Any]]
-    patient_fracture_probability: float
-    patient_fracture: bool
+    patient_score: float
+    patient_fracture: bool | None
     report: dict[str, Any]
     paths: dict[str, Path] = field(default_factory=dict)
     probabilities: Any = None
+    patient_threshold: float = 0.5
+    warnings: list[str] = field(default_factory=list)
 
 
 def _case_name(image: Any, case: str | None) -> str:
@@ -462,6 +796,109 @@ def _resolve_vertebrae(
     return vertebrae
 
 
+def _score_case(
+    probabilities: np.ndarray,
+    affine: np.ndarray,
+    grid: Any,
+    given: list[Any] | None,
+    config: PredictConfig,
+    patient_threshold: float,
+) -> tuple[list[Any], list[dict[str, Any]], dict[str, Any]]:
+    """Vertebrae (given or localised), their report entries, and the patient part of the report."""
+    from vfdetect import aggregate
+    from vfdetect.volume import Volume, world_to_voxel
+
+    fracture = Volume(probabilities[..., 2], affine)
+    if given is None:
+        vertebra_map = Volume(probabilities[..., 1] + probabilities[..., 2], affine)
+        vertebrae = aggregate.localise_vertebrae(vertebra_map, anchor_level=config.anchor_level)
+        source = "localised"
+    else:
+        vertebrae, source = given, "given"
+    raw = aggregate.vertebra_scores(
+        fracture, vertebrae, cube_edge_mm=config.cube_edge_mm, sigma_mm=config.sigma_mm,
+        normal_probability=Volume(probabilities[..., 1], affine), vertebra_threshold=config.vertebra_threshold,
+    )
+    scores = []
+    for vertebra, entry in zip(vertebrae, raw, strict=True):
+        voxel = world_to_voxel(grid.affine, np.asarray(vertebra.position_mm))
+        scores.append({
+            "label": entry["label"],
+            "name": entry["name"],
+            "centroid_voxel": [round(float(v), 2) for v in voxel],
+            "centroid_mm": [round(float(v), 2) for v in entry["centroid_mm"]],
+            "fracture_probability": entry["fracture_probability"],
+            "normal_probability": entry["normal_probability"],
+            "predicted": entry["predicted"],
+            "source": source,
+            "grade": vertebra.grade,
+        })
+    component_thresholds = list(config.component_thresholds)
+    largest = aggregate.largest_components(fracture, component_thresholds + [config.probability_threshold])
+    score = aggregate.patient_score(scores)
+    patient = {
+        "patient_score": score,
+        "patient_fracture": aggregate.patient_decision(score, patient_threshold),
+        "patient_threshold": patient_threshold,
+        "patient_rule": aggregate.patient_rule(patient_threshold),
+        "largest_component_mm3": largest.pop(),
+        "component_sizes": {"probability_thresholds": component_thresholds, "largest_component_mm3": largest},
+    }
+    return vertebrae, scores, patient
+
+
+def _write_case(
+    case_dir: Path,
+    report: dict[str, Any],
+    probabilities: np.ndarray,
+    affine: np.ndarray,
+    spacing: Sequence[float],
+    grid: Any,
+    vertebrae: Sequence[Any],
+    overlay_hu: np.ndarray | None,
+) -> dict[str, Path]:
+    """Maps on the input grid, the overlay and report.csv (report.json is written by the caller)."""
+    from vfdetect.report import render_overlay, write_report_csv
+    from vfdetect.volume import save_on_grid, to_source, world_to_voxel
+
+    case_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    vertebra_map = probabilities[..., 1] + probabilities[..., 2]
+    stacked = np.stack([probabilities[..., 2], vertebra_map], axis=-1)
+    on_grid = to_source(stacked, affine, grid, order=1)
+    del stacked
+    paths["probabilities"] = case_dir / "probabilities.nii.gz"
+    save_on_grid(np.clip(on_grid, 0.0, 1.0), grid, paths["probabilities"], scale=1.0 / 255.0)
+    del on_grid
+    labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
+    paths["labels"] = case_dir / "labels.nii.gz"
+    save_on_grid(to_source(labels, affine, grid, order=0).astype(np.uint8), grid, paths["labels"], dtype=np.uint8)
+    del labels
+    if overlay_hu is not None:
+        paths["overlay"] = case_dir / "overlay.png"
+        centres = np.array(
+            [world_to_voxel(affine, np.asarray(v.position_mm)) for v in vertebrae], dtype=np.float64
+        ).reshape(-1, 3)
+        render_overlay(
+            paths["overlay"], overlay_hu, probabilities[..., 2], spacing, report["vertebrae"], centres,
+            f"{report['case']}: {patient_summary(report)}", vertebra_probability=vertebra_map,
+        )
+    paths["report_csv"] = case_dir / "report.csv"
+    write_report_csv(paths["report_csv"], report)
+    return paths
+
+
+def patient_summary(report: Mapping[str, Any]) -> str:
+    """One line with the patient verdict, its score against the threshold, and the vertebra count."""
+    score = report.get("patient_score")
+    threshold = float(report.get("patient_threshold", 0.5))
+    count = len(report.get("vertebrae", []))
+    if score is None or (isinstance(score, float) and math.isnan(score)):
+        return f"no spine found (no patient score); {count} vertebrae"
+    verdict = "fracture" if float(score) >= threshold else "no fracture"
+    return f"{verdict} (score {float(score):.3f} {'>=' if verdict == 'fracture' else '<'} {threshold:g}); {count} vertebrae"
+
+
 def predict_case(
     predictor: Predictor,
     image: str | Path | Any,
@@ -479,23 +916,20 @@ def predict_case(
     :class:`vfdetect.vertebrae.Vertebra` (world mm, grades kept in the report; ``grades`` by label
     are attached when given; ``label_scheme`` is the numbering of a mask), or, when None, are
     localised from the probability map (:func:`vfdetect.aggregate.localise_vertebrae`, named from
-    ``config.anchor_level`` if given). With ``out_dir``, writes ``out_dir/<case>/``:
-    ``probabilities.nii.gz`` (input grid; uint8 scaled 1/255; channel 0 p(fracture), channel 1
-    p(normal) + p(fracture)), ``labels.nii.gz`` (argmax 0/1/2), ``report.json``, ``report.csv`` and
-    ``overlay.png``, each atomically (report.json last).
+    ``config.anchor_level`` if given). The network runs over ``config.region`` (see
+    :func:`inference_region`); outside the spine region every voxel is background. The patient
+    score is the highest vertebra score and the patient is "fracture" when it reaches the patient
+    threshold (:meth:`PredictConfig.resolved_patient_threshold`); with no vertebra the score is NaN,
+    the decision None, and the report carries the warning "no spine found".
+
+    With ``out_dir``, writes ``out_dir/<case>/``: ``probabilities.nii.gz`` (input grid; uint8
+    scaled 1/255; channel 0 p(fracture), channel 1 p(normal) + p(fracture)), ``labels.nii.gz``
+    (argmax 0/1/2), ``report.json``, ``report.csv`` and ``overlay.png``, each atomically
+    (report.json last).
     """
-    from vfdetect import __version__, aggregate
-    from vfdetect.report import render_overlay, write_report_csv, write_report_json
-    from vfdetect.volume import (
-        Volume,
-        body_mask,
-        load_scan,
-        normalise,
-        save_on_grid,
-        to_internal,
-        to_source,
-        world_to_voxel,
-    )
+    from vfdetect import __version__
+    from vfdetect.report import write_report_json
+    from vfdetect.volume import Volume, body_mask, load_scan, normalise, to_internal
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -509,109 +943,63 @@ def predict_case(
     del internal
     mask = body_mask(hu)
     normalised = normalise(hu, mask)
+    timings["load_s"] = time.perf_counter() - started
+
+    tick = time.perf_counter()
+    region = inference_region(
+        config.region, hu, affine, mask, None if given is None else [v.position_mm for v in given],
+        skip_air=config.skip_air, config=config.spine_region,
+    )
+    timings["region_s"] = time.perf_counter() - tick
     overlay_hu = None
     if config.write_overlay and out_dir is not None:
         overlay_hu = np.clip(hu, -1024, 3071).astype(np.int16)
-    del hu
-    timings["load_s"] = time.perf_counter() - started
-    held = mask.nbytes + (0 if overlay_hu is None else overlay_hu.nbytes)
+    del hu, mask
+    held = (0 if region.mask is None else region.mask.nbytes) + (0 if overlay_hu is None else overlay_hu.nbytes)
 
     tick = time.perf_counter()
+    stats: dict[str, Any] = {}
     probabilities = predict_volume(
-        normalised,
-        predictor.fn,  # type: ignore[arg-type]
-        predictor.geometry,
-        tile_shape=config.tile_shape,
-        batch_size=config.batch_size,
-        mask=mask if config.skip_air and mask.any() else None,
-        memory_budget_bytes=config.memory_budget_bytes - held,
-        quiet=quiet,
-        dtype=config.map_dtype,
+        normalised, predictor.fn, predictor.geometry,  # type: ignore[arg-type]
+        tile_shape=config.tile_shape, batch_size=config.batch_size, mask=region.mask,
+        memory_budget_bytes=config.memory_budget_bytes - held, quiet=quiet, dtype=config.map_dtype, stats=stats,
     )
-    del normalised, mask
+    if region.restrict and region.mask is not None:
+        outside = ~region.mask
+        for channel, value in enumerate((1.0, 0.0, 0.0)):
+            probabilities[..., channel][outside] = value
+        del outside
+    del normalised
     timings["inference_s"] = time.perf_counter() - tick
+    region_info = region.describe(stats["computed_voxels"], int(np.prod(probabilities.shape[:3])))
+    region_info["tiles"] = stats["tiles"]
+    del region
 
     tick = time.perf_counter()
-    fracture = Volume(probabilities[..., 2], affine)
-    normal = Volume(probabilities[..., 1], affine)
-    vertebra_map = probabilities[..., 1] + probabilities[..., 2]
-    if given is None:
-        vertebrae = aggregate.localise_vertebrae(Volume(vertebra_map, affine), anchor_level=config.anchor_level)
-        source = "localised"
-    else:
-        vertebrae = given
-        source = "given"
-    scores = aggregate.vertebra_scores(
-        fracture,
-        vertebrae,
-        cube_edge_mm=config.cube_edge_mm,
-        sigma_mm=config.sigma_mm,
-        normal_probability=normal,
-        vertebra_threshold=config.vertebra_threshold,
-    )
-    component_thresholds = list(config.component_thresholds)
-    largest = aggregate.largest_components(fracture, component_thresholds + [config.probability_threshold])
-    largest_at_threshold = largest.pop()
-    positive = aggregate.patient_positive(largest_at_threshold, config.noise_threshold_mm3)
-    patient_probability = aggregate.patient_score(scores, fracture, config.cube_edge_mm, config.sigma_mm)
-    for index, (vertebra, entry) in enumerate(zip(vertebrae, scores, strict=True)):
-        voxel = world_to_voxel(grid.affine, np.asarray(vertebra.position_mm))
-        scores[index] = {
-            "label": entry["label"],
-            "name": entry["name"],
-            "centroid_voxel": [round(float(v), 2) for v in voxel],
-            "centroid_mm": [round(float(v), 2) for v in entry["centroid_mm"]],
-            "fracture_probability": entry["fracture_probability"],
-            "normal_probability": entry["normal_probability"],
-            "predicted": entry["predicted"],
-            "source": source,
-            "grade": vertebra.grade,
-        }
+    threshold = config.resolved_patient_threshold(predictor)
+    vertebrae, scores, patient = _score_case(probabilities, affine, grid, given, config, threshold)
+    warnings = [] if scores and not math.isnan(patient["patient_score"]) else [NO_SPINE_WARNING]
     timings["aggregation_s"] = time.perf_counter() - tick
 
     report: dict[str, Any] = {
         "case": name,
-        "patient_fracture_probability": patient_probability,
-        "patient_fracture": positive,
-        "patient_score": "max vertebra fracture_probability (max Gaussian-weighted cube mean of the map without vertebrae)",
-        "thresholds": config.thresholds(),
-        "largest_component_mm3": largest_at_threshold,
+        **{key: patient[key] for key in ("patient_score", "patient_fracture", "patient_threshold", "patient_rule")},
+        "thresholds": config.thresholds(threshold),
         "vertebrae": scores,
-        "component_sizes": {"probability_thresholds": component_thresholds, "largest_component_mm3": largest},
+        "largest_component_mm3": patient["largest_component_mm3"],
+        "component_sizes": patient["component_sizes"],
+        "region": region_info,
+        "warnings": warnings,
         "input": grid.source,
         "model": predictor.describe(),
         "version": __version__,
         "timings": timings,
     }
-
     paths: dict[str, Path] = {}
     if out_dir is not None:
         tick = time.perf_counter()
         case_dir = Path(out_dir) / name
-        case_dir.mkdir(parents=True, exist_ok=True)
-        stacked = np.stack([probabilities[..., 2], vertebra_map], axis=-1)
-        on_grid = to_source(stacked, affine, grid, order=1)
-        del stacked
-        paths["probabilities"] = case_dir / "probabilities.nii.gz"
-        save_on_grid(np.clip(on_grid, 0.0, 1.0), grid, paths["probabilities"], scale=1.0 / 255.0)
-        del on_grid
-        labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
-        paths["labels"] = case_dir / "labels.nii.gz"
-        save_on_grid(to_source(labels, affine, grid, order=0).astype(np.uint8), grid, paths["labels"], dtype=np.uint8)
-        del labels
-        if overlay_hu is not None:
-            paths["overlay"] = case_dir / "overlay.png"
-            centres = np.array(
-                [world_to_voxel(affine, np.asarray(v.position_mm)) for v in vertebrae], dtype=np.float64
-            ).reshape(-1, 3)
-            verdict = "FRACTURE" if positive else "no fracture"
-            title = f"{name}: patient {verdict} (score {patient_probability:.2f}); {len(scores)} vertebrae ({source})"
-            render_overlay(
-                paths["overlay"], overlay_hu, probabilities[..., 2], spacing, scores, centres, title,
-                vertebra_probability=vertebra_map,
-            )
-        paths["report_csv"] = case_dir / "report.csv"
-        write_report_csv(paths["report_csv"], report)
+        paths = _write_case(case_dir, report, probabilities, affine, spacing, grid, vertebrae, overlay_hu)
         timings["writing_s"] = time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - started
         paths["report"] = case_dir / "report.json"
@@ -622,11 +1010,13 @@ def predict_case(
     return CaseResult(
         case=name,
         vertebrae=scores,
-        patient_fracture_probability=patient_probability,
-        patient_fracture=positive,
+        patient_score=patient["patient_score"],
+        patient_fracture=patient["patient_fracture"],
         report=report,
         paths=paths,
         probabilities=Volume(probabilities, affine) if config.keep_maps else None,
+        patient_threshold=threshold,
+        warnings=warnings,
     )
 
 
@@ -639,7 +1029,7 @@ class CaseFailure:
 
 
 def predict_cases(
-    run_dir: str | Path | Predictor,
+    run_dir: str | Path | Predictor | None,
     cases: Sequence[Any],
     out_dir: str | Path,
     config: PredictConfig = PredictConfig(),
@@ -647,7 +1037,8 @@ def predict_cases(
     failures: list[CaseFailure] | None = None,
     precision: str = "float32",
 ) -> list[CaseResult]:
-    """Predict many cases (:class:`vfdetect.vertebrae.Case`, or paths / nibabel images) into ``out_dir``.
+    """Predict many cases (:class:`vfdetect.vertebrae.Case`, or paths / nibabel images) into ``out_dir``
+    with ``run_dir``: a :class:`Predictor`, or anything :func:`load_predictor` takes (None: the bundled model).
 
     With ``failures`` (a list), a case that raises is recorded there and skipped and the others go
     on; without it the first error propagates. Writes

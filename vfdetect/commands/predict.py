@@ -7,8 +7,11 @@ from pathlib import Path
 import click
 
 
+def _is_run_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and (path / "model.keras").is_file()
+
+
 @click.command()
-@click.argument("run", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
 @click.option(
     "--out",
@@ -16,6 +19,14 @@ import click
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
     help="Output folder: DIR/<case>/ per scan and DIR/summary.csv.",
+)
+@click.option(
+    "--model",
+    "model",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A training run folder (config.json + model.keras) or a .keras file with its .json "
+    "(default: the bundled model; see `vfdetect models`).",
 )
 @click.option("--manifest", type=click.Path(path_type=Path), default=None, help="Predict every case of a manifest.")
 @click.option(
@@ -28,7 +39,7 @@ import click
     "--centroids",
     type=click.Path(path_type=Path),
     default=None,
-    help="Vertebra centroids of a single INPUT: VerSe JSON or a vertebra mask NIfTI (default: localise them).",
+    help="Vertebra centroids of a single SCAN: VerSe JSON or a vertebra mask NIfTI (default: localise them).",
 )
 @click.option(
     "--label-scheme",
@@ -42,12 +53,19 @@ import click
     default=None,
     help="Name of the lowest vertebra found when localising (e.g. L5); without it names are guessed.",
 )
-@click.option("--probability-threshold", type=float, default=0.5, show_default=True,
-              help="Patient level: voxels with p(fracture) >= this form fracture components.")
-@click.option("--noise-threshold-mm3", type=float, default=500.0, show_default=True,
-              help="Patient level: fracture components smaller than this (mm^3) are discarded.")
+@click.option("--patient-threshold", type=float, default=None,
+              help="The patient is called 'fracture' when its score (the highest vertebra score) reaches this "
+              "[default: the model's own patient_threshold, else 0.5].")
 @click.option("--vertebra-threshold", type=float, default=0.5, show_default=True,
               help="A vertebra is predicted fractured when its score reaches this.")
+@click.option("--probability-threshold", type=float, default=0.5, show_default=True,
+              help="Secondary information only: the report's largest_component_mm3 is the largest connected "
+              "component of p(fracture) >= this.")
+@click.option("--noise-threshold-mm3", type=float, default=None, hidden=True,
+              help="Deprecated and ignored: the patient decision is the patient score against --patient-threshold.")
+@click.option("--region", type=click.Choice(["spine", "whole"]), default="spine", show_default=True,
+              help="spine: run the network only around the vertebral column (given centroids, else found in "
+              "bone); whole: over the whole volume.")
 @click.option("--cube-edge-mm", type=float, default=10.0, show_default=True,
               help="Edge of the cube averaged around each centroid.")
 @click.option("--sigma-mm", type=float, default=5.0, show_default=True,
@@ -61,17 +79,19 @@ import click
 @click.option("--no-overlay", is_flag=True, help="Do not draw overlay.png.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def command(
-    run: Path,
     inputs: tuple[Path, ...],
     out_dir: Path,
+    model: Path | None,
     manifest: Path | None,
     data_root: Path | None,
     centroids: Path | None,
     label_scheme: str,
     anchor_level: str | None,
-    probability_threshold: float,
-    noise_threshold_mm3: float,
+    patient_threshold: float | None,
     vertebra_threshold: float,
+    probability_threshold: float,
+    noise_threshold_mm3: float | None,
+    region: str,
     cube_edge_mm: float,
     sigma_mm: float,
     precision: str,
@@ -81,38 +101,61 @@ def command(
     no_overlay: bool,
     quiet: bool,
 ) -> None:
-    """Predict fractures in each scan INPUT (NIfTI file or DICOM folder) or each case of --manifest with
-    the trained model in the run folder RUN.
+    """Predict fractures in each SCAN (NIfTI file or DICOM folder) or each case of --manifest.
+
+    The model is the bundled one unless --model names a run folder or a .keras file. Deprecated:
+    a first SCAN that is a run folder (config.json + model.keras) is taken as the model.
+
+    Patient rule: the patient score is the highest vertebra score; the patient is "fracture" when it
+    reaches the patient threshold (--patient-threshold, else the model's own, else 0.5). With no
+    vertebra given or found the score is empty and the case is reported as "no spine found".
 
     Writes per case DIR/<case>/probabilities.nii.gz (channel 0 p(fracture), channel 1 p(vertebra),
     on the input's own grid), labels.nii.gz, report.json, report.csv and overlay.png, and
     DIR/summary.csv. A case that fails is reported and skipped; the exit status is 1 if any failed.
     """
     from vfdetect.errors import VfdetectError
-    from vfdetect.predict import CaseFailure, PredictConfig, load_predictor, predict_case, predict_cases
+    from vfdetect.predict import (
+        CaseFailure,
+        PredictConfig,
+        load_predictor,
+        patient_summary,
+        predict_case,
+        predict_cases,
+    )
     from vfdetect.report import write_summary_csv
     from vfdetect.vertebrae import read_manifest, vertebra_label
 
+    if inputs and _is_run_folder(inputs[0]):
+        if model is not None:
+            raise VfdetectError(f"{inputs[0]} is a run folder and --model is given: give the model once")
+        click.echo(f"vfdetect: warning: a run folder as first argument is deprecated; use --model {inputs[0]}",
+                   err=True)
+        model, inputs = inputs[0], inputs[1:]
+    if noise_threshold_mm3 is not None:
+        click.echo("vfdetect: warning: --noise-threshold-mm3 is ignored; the patient decision is the patient "
+                   "score against --patient-threshold", err=True)
     if not inputs and manifest is None:
-        raise VfdetectError("give INPUT scans or --manifest")
+        raise VfdetectError("give SCAN files or --manifest")
     if inputs and manifest is not None:
-        raise VfdetectError("give INPUT scans or --manifest, not both")
+        raise VfdetectError("give SCAN files or --manifest, not both")
     if centroids is not None and len(inputs) != 1:
-        raise VfdetectError("--centroids needs exactly one INPUT")
+        raise VfdetectError("--centroids needs exactly one SCAN")
     if anchor_level is not None:
         vertebra_label(anchor_level)  # validates the name early
     config = PredictConfig(
         cube_edge_mm=cube_edge_mm,
         sigma_mm=sigma_mm if sigma_mm > 0 else None,
         vertebra_threshold=vertebra_threshold,
+        patient_threshold=patient_threshold,
         probability_threshold=probability_threshold,
-        noise_threshold_mm3=noise_threshold_mm3,
         anchor_level=anchor_level,
+        region=region,
         batch_size=batch_size,
         memory_budget_bytes=int(memory_gib * 1024**3),
         write_overlay=not no_overlay,
     )
-    predictor = load_predictor(run, precision=precision, threads=threads)
+    predictor = load_predictor(model, precision=precision, threads=threads)
     failures: list[CaseFailure] = []
     if manifest is not None:
         cases = read_manifest(manifest, data_root=data_root)
@@ -125,14 +168,12 @@ def command(
         write_summary_csv(out_dir / "summary.csv", [result.report for result in results])
     else:
         results = predict_cases(predictor, list(inputs), out_dir, config=config, quiet=quiet, failures=failures)
-    if not quiet:
-        for result in results:
-            verdict = "fracture" if result.patient_fracture else "no fracture"
+    for result in results:
+        for warning in result.warnings:
+            click.echo(f"vfdetect: warning: case {result.case}: {warning}", err=True)
+        if not quiet:
             flagged = [v["name"] for v in result.vertebrae if v["predicted"] == "fracture"]
-            click.echo(
-                f"{result.case}: {verdict} (score {result.patient_fracture_probability:.2f}); "
-                f"{len(result.vertebrae)} vertebrae, flagged: {', '.join(flagged) or 'none'}"
-            )
+            click.echo(f"{result.case}: {patient_summary(result.report)}, flagged: {', '.join(flagged) or 'none'}")
     for failure in failures:
         click.echo(f"vfdetect: error: case {failure.case}: {failure.error}", err=True)
     if failures:
