@@ -21,6 +21,7 @@ from vfdetect.errors import VfdetectError
 COMMANDS: dict[str, tuple[str, str]] = {
     "phantoms": ("phantoms", "Generate the synthetic spine CT dataset (scans, centroids, grades, manifest)."),
     "synth-labels": ("synth_labels", "Build label images (ellipsoids) from centroids and Genant grades."),
+    "simulate-fractures": ("simulate_fractures", "Plant Genant-graded compression fractures into real CT scans with vertebra masks."),
     "train": ("train", "Train the dual-pathway network on a manifest and its label images."),
     "predict": ("predict", "Predict fracture probability maps and vertebra/patient scores."),
     "models": ("models", "List the trained models bundled with this installation."),
