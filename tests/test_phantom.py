@@ -147,6 +147,73 @@ def test_morphologies_and_kyphosis_from_wedges():
     assert np.allclose(share, [0.5, 0.3, 0.2], atol=0.06)
 
 
+def _patient_properties(model) -> dict:
+    """Everything about a patient that must not depend on whether it has fractures."""
+    return {
+        **{f"trait_{k}": v for k, v in model.traits.items()},
+        **{f"hu_{k}": v for k, v in model.hu.items()},
+        "torso": (model.torso_half_width, model.torso_half_depth, model.back_depth, model.fat_mm, model.texture_seed),
+        "vertebrae": [(s.label, s.height, s.depth, s.width, s.trabecular_hu, s.cortex_hu, s.cortex_mm, s.osteophyte_mm,
+                       s.disc_state, s.physiological_concavity) for s in model.vertebrae],
+    }
+
+
+def _status_differences(config: PhantomConfig, n: int = 40) -> list[str]:
+    """Patient properties that change when the same generator state gets fractures instead of none."""
+    levels = list(LEVELS[3:10])
+    fractured = {label: (2 if label in (13, 14) else 0) for label in levels}
+    healthy = {label: 0 for label in levels}
+    differing = set()
+    for seed in range(n):
+        with_fractures, _ = _build_model(np.random.default_rng(seed), levels, fractured, config)
+        without, _ = _build_model(np.random.default_rng(seed), levels, healthy, config)
+        assert with_fractures.by_label(13).height_loss > 0.25 and without.by_label(13).height_loss < 0.1
+        a, b = _patient_properties(with_fractures), _patient_properties(without)
+        differing |= {key for key in a if a[key] != b[key]}
+    return sorted(differing)
+
+
+def test_patient_properties_do_not_depend_on_fracture_status():
+    """Same generator state, grades forced on or off: density, posture, size and tissue HU stay identical."""
+    assert _status_differences(PhantomConfig()) == []
+    # The check can fail: the opt-in confounded draw changes density and kyphosis with the status.
+    confounded = _status_differences(replace(PhantomConfig(), density_fracture_correlation=True), n=5)
+    assert {"trait_trabecular_hu", "trait_kyphosis", "vertebrae"} <= set(confounded)
+
+
+def _status_p_values(config: PhantomConfig, n: int = 40) -> dict[str, float]:
+    """Two-sample KS p-values of patient properties, patients with fractures against patients without."""
+    from scipy.stats import ks_2samp
+
+    groups: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
+    rng = np.random.default_rng(2024)
+    fracturing = replace(config, fracture_prevalence=0.3, negative_fraction=0.0)
+    for status in (True, False):
+        for _ in range(n):
+            levels = _choose_levels(rng, SMALL)
+            grades = _draw_fractures(rng, levels, fracturing if status else replace(config, fracture_prevalence=0.0))
+            assert any(grades.values()) == status
+            model, _ = _build_model(rng, levels, grades, replace(SMALL, density_fracture_correlation=config.density_fracture_correlation))
+            values = {
+                "trabecular_hu": model.traits["trabecular_hu"], "kyphosis": model.traits["kyphosis"],
+                "cortex_hu": model.traits["cortex_hu"], "fat_mm": model.fat_mm, "fat_hu": model.hu["fat"],
+                "torso_half_width": model.torso_half_width, "scale": model.traits["scale"],
+                "degeneration": model.traits["degeneration"],
+                "level_trabecular_hu": float(np.mean([s.trabecular_hu for s in model.vertebrae])),
+            }
+            for key, value in values.items():
+                groups[status].setdefault(key, []).append(value)
+    return {key: float(ks_2samp(groups[True][key], groups[False][key]).pvalue) for key in groups[True]}
+
+
+def test_patient_distributions_match_with_and_without_fractures():
+    """40 small-phantom models with fractures against 40 without: no property tells them apart."""
+    p_values = _status_p_values(PhantomConfig())
+    assert min(p_values.values()) > 0.01, p_values
+    confounded = _status_p_values(replace(PhantomConfig(), density_fracture_correlation=True))
+    assert confounded["trabecular_hu"] < 0.01 and confounded["kyphosis"] < 0.01, confounded
+
+
 def test_dataset_is_deterministic_and_readable(tmp_path):
     first = write_phantom_dataset(tmp_path / "a", 2, seed=5, config=SMALL, quiet=True)
     second = write_phantom_dataset(tmp_path / "b", 2, seed=5, config=SMALL, quiet=True, workers=2)
@@ -213,6 +280,19 @@ def test_cli_prevalence_options_reach_the_generator(tmp_path):
     assert result.exit_code == 0, result.output
     grades = read_grades(every / "grades.csv")
     assert all(any(grade > 0 for grade in case.values()) for case in grades.values())
+
+
+
+def test_cli_correlation_option_reaches_the_generator(tmp_path, monkeypatch):
+    import vfdetect.phantom
+
+    seen = []
+    monkeypatch.setattr(vfdetect.phantom, "write_phantom_dataset",
+                        lambda out_dir, cases, seed, config, **kwargs: seen.append(config) or out_dir / "manifest.csv")
+    for extra in ([], ["--density-fracture-correlation"]):
+        result = CliRunner().invoke(cli, ["phantoms", "--out", str(tmp_path), "--small", "--quiet", *extra])
+        assert result.exit_code == 0, result.output
+    assert [config.density_fracture_correlation for config in seen] == [False, True]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +367,9 @@ def test_phantoms_fall_in_real_ct_ranges(small_cases):
             if label in (26, 29) or case.morphology[label] != "normal":
                 continue
             for key in samples:
-                samples[key].append(getattr(body, key))
+                # A vacuum or calcified (degenerated) disc is meant to leave the real disc HU range.
+                if key != "disc_hu" or case.model.by_label(label).disc_state not in ("vacuum", "calcified"):
+                    samples[key].append(getattr(body, key))
         for key, value in measure_soft_tissue(hu, labels, case.image.affine, listed).items():
             tissue[key].append(value)
     for key, values in samples.items():

@@ -3,11 +3,16 @@
 A phantom is a torso segment holding 5-17 vertebrae of the paper's range T1-S2 (VerSe labels 8-24,
 26 = S1 and the extension 29 = S2). The anatomy is described analytically (:class:`SpineModel`):
 a curved spine centreline (kyphosis, lordosis, mild scoliosis) carrying per-level vertebrae whose
-size grows caudally, each made of a vertebral body (cortical shell, trabecular core, endplates),
+size grows caudally, each made of a vertebral body (cortical shell of uneven thickness, trabecular
+core with a spongy network texture, sclerotic endplates, anterior osteophytes in some patients),
 pedicles, laminae, articular, transverse and spinous processes around the spinal canal, with
-intervertebral discs between the bodies. Around it: paraspinal and psoas muscles, subcutaneous and
-visceral fat, organs, bowel gas, lungs and ribs at thoracic levels, iliac wings at the pelvis, air
-outside the body.
+intervertebral discs between the bodies (some narrowed, with a vacuum cleft or calcification).
+Around it: paraspinal muscles with fatty streaks and psoas, subcutaneous and visceral fat, organs,
+aorta and inferior vena cava (with or without contrast), bowel gas, lungs and ribs at thoracic
+levels, iliac wings at the pelvis, air outside the body.
+
+Patient-level properties (bone density, posture, size, degeneration, tissue HU) never depend on the
+patient's fractures unless ``PhantomConfig.density_fracture_correlation`` asks for it.
 
 Fractures deform the body's endplates in its own frame (wedge: anterior collapse; biconcave:
 central collapse of both endplates; crush: collapse of the whole endplate), with the adjacent
@@ -118,6 +123,12 @@ class PhantomConfig:
     ``max_length_mm`` caps the scanned length (fewer vertebrae when the cap is hit).
     The square field of view (``fov_mm``) is centred ``fov_posterior_shift`` x its size behind the
     spine's body centroids; ``fat_mm`` is the range of subcutaneous fat thickness.
+
+    Patient-level properties (bone density, posture, body size, degeneration, tissue HU) are drawn
+    from one population whether or not the patient has a fracture, so that a network cannot tell
+    fractured patients apart by anything but the fractures. ``density_fracture_correlation=True``
+    restores the older, confounded draw for experiments: trabecular bone about 105 +/- 25 HU and
+    kyphosis factor 0.8-1.6 in patients with a fracture, 165 +/- 35 HU and 0.6-1.3 in the others.
     """
 
     min_vertebrae: int = 5
@@ -142,6 +153,7 @@ class PhantomConfig:
     ribs: bool = True
     pelvis: bool = True
     lungs: bool = True
+    density_fracture_correlation: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_vertebrae <= self.max_vertebrae <= len(LEVELS) - 1:
@@ -197,7 +209,9 @@ class VertebraShape:
     ``frame`` rows are the unit vectors (superior axis, anterior axis, lateral axis) in world RAS;
     ``centre`` is the origin of that frame (mid-height of the body, world mm). Sizes in mm.
     ``top_loss`` and ``bottom_loss`` hold the fracture amplitude of each endplate as a fraction of
-    ``height``; ``profile`` is the fracture morphology or "normal".
+    ``height``; ``profile`` is the fracture morphology or "normal". ``osteophyte_mm`` is the reach of
+    the bony spurs at the anterior endplate rims (0: none); ``disc_state`` describes the disc below
+    ("normal", "narrowed", "vacuum" with gas, "calcified").
     """
 
     label: int
@@ -217,6 +231,8 @@ class VertebraShape:
     trabecular_hu: float
     cortex_hu: float
     cortex_mm: float
+    osteophyte_mm: float = 0.0
+    disc_state: str = "normal"
 
     @property
     def posterior_wall(self) -> float:
@@ -270,7 +286,11 @@ def _fracture_shape(profile: str, v: np.ndarray, r2: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SpineModel:
-    """The analytic anatomy of one phantom patient (all world mm, RAS)."""
+    """The analytic anatomy of one phantom patient (all world mm, RAS).
+
+    ``traits`` holds the patient-level draws (density, posture, texture, degeneration); see
+    :func:`_draw_patient`.
+    """
 
     vertebrae: tuple[VertebraShape, ...]
     torso_half_width: float
@@ -279,6 +299,7 @@ class SpineModel:
     fat_mm: float
     hu: Mapping[str, float]
     texture_seed: int
+    traits: Mapping[str, float] = field(default_factory=dict)
 
     def by_label(self, label: int) -> VertebraShape:
         for vertebra in self.vertebrae:
@@ -403,18 +424,76 @@ def _choose_levels(rng: np.random.Generator, config: PhantomConfig) -> list[int]
     return levels
 
 
+def _draw_patient(rng: np.random.Generator, config: PhantomConfig, osteoporotic: bool) -> dict[str, float]:
+    """Patient-level traits; a fixed number of draws whatever the fracture status.
+
+    By default none of them depends on ``osteoporotic``. With ``config.density_fracture_correlation``
+    the trabecular HU and the kyphosis are mapped from the same draws onto the fracture-specific
+    distributions (low density and more kyphosis in patients with fractures).
+    """
+    density_z = float(rng.standard_normal())
+    kyphosis_u = float(rng.random())
+    if config.density_fracture_correlation:
+        trabecular = 105.0 + 25.0 * density_z if osteoporotic else 165.0 + 35.0 * density_z
+        kyphosis = 0.8 + 0.8 * kyphosis_u if osteoporotic else 0.6 + 0.7 * kyphosis_u
+    else:
+        trabecular = 135.0 + 40.0 * density_z
+        kyphosis = 0.6 + 1.0 * kyphosis_u
+    traits = {
+        "scale": config.anatomy_scale * float(rng.normal(1.0, 0.05)),
+        "trabecular_hu": float(np.clip(trabecular, 55.0, 260.0)),
+        "kyphosis": kyphosis,
+        "cortex_hu": float(rng.uniform(380.0, 650.0)),
+        "cortex_mm": float(rng.uniform(0.9, 1.6)),
+        "lordosis": float(rng.uniform(0.6, 1.3)),
+        "scoliosis_deg": float(rng.uniform(0.0, 7.0)),
+        "scoliosis_phase": float(rng.uniform(0, 2 * math.pi)),
+        "scoliosis_wavelength": float(rng.uniform(250.0, 450.0)),
+        # Trabecular texture: contrast of the bone network against marrow, and its grain (mm).
+        "texture_hu": float(rng.uniform(65.0, 125.0)),
+        "texture_mm": float(rng.uniform(0.9, 1.5)),
+        # Degeneration: share of discs narrowed, chance of a vacuum / calcified disc, osteophytes.
+        "degeneration": float(rng.beta(1.2, 3.0)),
+        "osteophytes": float(rng.random() < 0.4) * float(rng.uniform(1.5, 5.0)),
+    }
+    return traits
+
+
 def _build_model(rng: np.random.Generator, listed: Sequence[int], grades: Mapping[int, int],
                  config: PhantomConfig) -> tuple[SpineModel, dict[int, str]]:
-    """The anatomy of one patient: spine chain from S2 upwards, fractures, tissue HU."""
-    scale = config.anatomy_scale * float(rng.normal(1.0, 0.05))
+    """The anatomy of one patient: spine chain from S2 upwards, fractures, tissue HU.
+
+    Three independent streams are spawned from ``rng``: patient traits and tissue HU, per-level
+    anatomy, and fracture shapes. So for one generator state, forcing the grades on or off changes
+    the fractures (and the positions they shift), never the patient's density, size, posture,
+    degeneration or tissue HU.
+    """
+    patient_rng, level_rng, fracture_rng = rng.spawn(3)
     osteoporotic = any(grade > 0 for grade in grades.values())
-    trabecular = float(np.clip(rng.normal(105.0, 25.0) if osteoporotic else rng.normal(165.0, 35.0), 55.0, 260.0))
-    cortex = float(rng.uniform(500.0, 800.0))
-    kyphosis = float(rng.uniform(0.8, 1.6) if osteoporotic else rng.uniform(0.6, 1.3))
-    lordosis = float(rng.uniform(0.6, 1.3))
-    scoliosis_deg = float(rng.uniform(0.0, 7.0))
-    scoliosis_phase = float(rng.uniform(0, 2 * math.pi))
-    scoliosis_wavelength = float(rng.uniform(250.0, 450.0))
+    traits = _draw_patient(patient_rng, config, osteoporotic)
+    scale, trabecular, kyphosis, lordosis = traits["scale"], traits["trabecular_hu"], traits["kyphosis"], traits["lordosis"]
+    hu = {
+        "fat": float(patient_rng.uniform(-94.0, -68.0)),
+        "muscle": float(patient_rng.uniform(4.0, 24.0)),  # elderly, partly fatty paraspinal muscle
+        "organ": float(patient_rng.uniform(35.0, 60.0)),
+        "disc": float(patient_rng.uniform(70.0, 105.0)),
+        "csf": float(patient_rng.uniform(5.0, 25.0)),
+        "blood": float(patient_rng.uniform(30.0, 50.0)),
+        "lung": float(patient_rng.uniform(-880.0, -820.0)),
+        "air": -1000.0,
+    }
+    # Vessels: without contrast (40 % of scans), arterial or portal-venous phase.
+    arterial = float(patient_rng.uniform(110.0, 300.0)) * float(patient_rng.random() < 0.6)
+    venous_share = float(patient_rng.uniform(0.25, 1.0))
+    hu["aorta"] = hu["blood"] + arterial
+    hu["ivc"] = hu["blood"] + arterial * venous_share
+    hu["vein"] = hu["blood"] + 0.6 * arterial * venous_share
+    torso_half_width = float(patient_rng.uniform(140.0, 180.0)) * config.anatomy_scale
+    torso_half_depth = float(patient_rng.uniform(95.0, 125.0)) * config.anatomy_scale
+    back_depth = float(patient_rng.uniform(76.0, 92.0)) * scale
+    fat_mm = float(patient_rng.uniform(*config.fat_mm)) * config.anatomy_scale
+    texture_seed = int(patient_rng.integers(2**31 - 1))
+    offset = patient_rng.normal(0.0, 50.0, 3).round(1)  # table and patient position
     morphology: dict[int, str] = {}
     shapes: list[VertebraShape] = []
     # Walk from S2 upwards; the tilt of each level adds the wedging of the fractures below.
@@ -422,36 +501,49 @@ def _build_model(rng: np.random.Generator, listed: Sequence[int], grades: Mappin
     extra_tilt = 0.0
     arc = 0.0
     previous: VertebraShape | None = None
+    morphology_p = np.asarray(config.morphology_probabilities, dtype=float)
     for label in reversed(LEVELS):
         height, depth, width, disc, canal_ap, canal_lr, angle, sp_length, sp_slope = _ANATOMY[label]
         factor = 1.0 if label in _SACRAL else kyphosis if label in _THORACIC else lordosis
         sagittal = angle * factor + extra_tilt
-        coronal = scoliosis_deg * math.sin(2 * math.pi * arc / scoliosis_wavelength + scoliosis_phase)
+        coronal = traits["scoliosis_deg"] * math.sin(2 * math.pi * arc / traits["scoliosis_wavelength"] + traits["scoliosis_phase"])
         frame = _frame(sagittal, coronal)
         grade = grades.get(label, 0)
-        concavity = float(rng.uniform(0.01, 0.03))
+        # Per-level anatomy: the same draws whether or not this level is fractured.
+        concavity = float(level_rng.uniform(0.01, 0.03))
+        physiological_wedge = float(level_rng.uniform(0.0, 0.07)) if label in _THORACIC else 0.0
+        physiological_wedge *= float(level_rng.random() < 0.5)
+        jitter = float(level_rng.normal(1.0, 0.03))
+        level_trabecular = trabecular * float(level_rng.normal(1.0, 0.06)) * (1.06 if label in _THORACIC else 1.0)
+        cortex_mm = traits["cortex_mm"] * float(level_rng.uniform(0.85, 1.15)) * (1.4 if label in _SACRAL else 1.0)
+        disc_factor = float(level_rng.normal(1.0, 0.08))
+        degenerated = level_rng.random() < traits["degeneration"] * (1.2 if label in _LUMBAR else 0.6)
+        narrowing = float(level_rng.uniform(0.5, 0.85)) if degenerated else 1.0
+        disc_kind = float(level_rng.random())
+        osteophyte = traits["osteophytes"] * float(level_rng.uniform(0.3, 1.2)) * float(level_rng.random() < 0.7)
         if grade > 0:
-            profile = MORPHOLOGIES[int(rng.choice(3, p=np.asarray(config.morphology_probabilities) / sum(config.morphology_probabilities)))]
-            top_share = float(rng.uniform(0.55, 1.0)) if profile == "wedge" else float(rng.uniform(0.45, 0.8))
-            top_loss, bottom_loss = _scaled_amplitude(profile, _draw_loss(rng, grade), top_share, concavity)
+            profile = MORPHOLOGIES[int(fracture_rng.choice(3, p=morphology_p / morphology_p.sum()))]
+            top_share = float(fracture_rng.uniform(0.55, 1.0)) if profile == "wedge" else float(fracture_rng.uniform(0.45, 0.8))
+            top_loss, bottom_loss = _scaled_amplitude(profile, _draw_loss(fracture_rng, grade), top_share, concavity)
         else:
             profile, top_loss, bottom_loss = "normal", 0.0, 0.0
-            if label in _THORACIC and rng.random() < 0.5:  # physiological anterior wedging, < 10 %
-                profile = "wedge"
-                top_loss = float(rng.uniform(0.0, 0.07))
+            if physiological_wedge > 0:  # physiological anterior wedging, < 10 %
+                profile, top_loss = "wedge", physiological_wedge
         morphology[label] = profile if grade > 0 else "normal"
-        jitter = float(rng.normal(1.0, 0.03))
         shape = VertebraShape(
             label=label, centre=centre.copy(), frame=frame, height=height * scale * jitter, depth=depth * scale * jitter,
             width=width * scale * jitter, canal_ap=canal_ap * scale, canal_lr=canal_lr * scale,
             spinous_length=sp_length * scale, spinous_slope_deg=sp_slope, physiological_concavity=concavity,
-            profile=profile, top_loss=top_loss, bottom_loss=bottom_loss,
-            trabecular_hu=trabecular * float(rng.normal(1.0, 0.06)) * (1.06 if label in _THORACIC else 1.0),
-            cortex_hu=cortex, cortex_mm=float(rng.uniform(0.6, 1.0)) * (1.5 if label in _SACRAL else 1.0),
+            profile=profile, top_loss=top_loss, bottom_loss=bottom_loss, trabecular_hu=level_trabecular,
+            cortex_hu=traits["cortex_hu"], cortex_mm=cortex_mm,
+            osteophyte_mm=0.0 if label in _SACRAL else osteophyte,
+            disc_state=("normal" if not degenerated or label in _SACRAL else
+                        "vacuum" if disc_kind < 0.2 else "calcified" if disc_kind < 0.35 else "narrowed"),
         )
         if previous is not None:
             below = previous
-            disc_below = _ANATOMY[label][3] * scale * float(rng.normal(1.0, 0.08))
+            # The disc below this level is the one between it and ``below``.
+            disc_below = _ANATOMY[label][3] * scale * disc_factor * (narrowing if label not in _SACRAL else 1.0)
             # Neighbours rest on the posterior rim of the endplates (a wedge tilts, a crush sinks).
             back = np.array([below.measuring_points[0]])
             up_below = below.height * (0.5 - float(below.endplate_losses(back, np.zeros(1))[0][0]))
@@ -467,26 +559,16 @@ def _build_model(rng: np.random.Generator, listed: Sequence[int], grades: Mappin
             extra_tilt += math.degrees(math.atan2((top_loss + bottom_loss) * shape.height, front_point - back_point)) * 0.8
         previous = shape
     shapes.reverse()
-    offset = rng.normal(0.0, 50.0, 3).round(1)  # table and patient position
     shapes = [replace(shape, centre=shape.centre + offset) for shape in shapes]
-    hu = {
-        "fat": float(rng.uniform(-98.0, -72.0)),
-        "muscle": float(rng.uniform(5.0, 27.0)),  # elderly, partly fatty paraspinal muscle
-        "organ": float(rng.uniform(35.0, 60.0)),
-        "disc": float(rng.uniform(70.0, 105.0)),
-        "csf": float(rng.uniform(5.0, 25.0)),
-        "blood": float(rng.choice([45.0, float(rng.uniform(140.0, 260.0))])),
-        "lung": float(rng.uniform(-880.0, -820.0)),
-        "air": -1000.0,
-    }
     model = SpineModel(
         vertebrae=tuple(shapes),
-        torso_half_width=float(rng.uniform(140.0, 180.0)) * config.anatomy_scale,
-        torso_half_depth=float(rng.uniform(95.0, 125.0)) * config.anatomy_scale,
-        back_depth=float(rng.uniform(76.0, 92.0)) * scale,
-        fat_mm=float(rng.uniform(*config.fat_mm)) * config.anatomy_scale,
+        torso_half_width=torso_half_width,
+        torso_half_depth=torso_half_depth,
+        back_depth=back_depth,
+        fat_mm=fat_mm,
         hu=hu,
-        texture_seed=int(rng.integers(2**31 - 1)),
+        texture_seed=texture_seed,
+        traits=traits,
     )
     return model, morphology
 
@@ -604,15 +686,20 @@ def _vertebra_parts(shape: VertebraShape) -> list[_Part]:
 
 def _body_sdf(shape: VertebraShape, u: np.ndarray, v: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, ...]:
     """Signed distance (mm, negative inside) of the body, top endplate collapse, endplate heights."""
-    h, d, wd = shape.height, shape.depth, shape.width
-    waist = 1.0 - 0.06 * np.clip(1.0 - (2.0 * u / h) ** 2, 0.0, 1.0)
-    section = np.maximum(_ellipse_sdf(v, w, 0.5 * d, 0.5 * wd * waist), shape.posterior_wall - 0.004 * w * w - v)
+    h = shape.height
+    section = _body_section(shape, u, v, w)
     top, bottom = shape.endplate_losses(v, w)
     total = np.minimum(top + bottom, 0.9)
     top = np.minimum(top, total)
     z_top = h * (0.5 - top)
     z_bottom = -h * (0.5 - (total - top))
     return np.maximum(section, np.maximum(u - z_top, z_bottom - u)), top, z_top, z_bottom
+
+
+def _body_section(shape: VertebraShape, u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Signed distance (mm) to the body's horizontal section (its side wall), ignoring the endplates."""
+    waist = 1.0 - 0.06 * np.clip(1.0 - (2.0 * u / shape.height) ** 2, 0.0, 1.0)
+    return np.maximum(_ellipse_sdf(v, w, 0.5 * shape.depth, 0.5 * shape.width * waist), shape.posterior_wall - 0.004 * w * w - v)
 
 
 def _local_box(grid: _Grid, shape: VertebraShape, low: Sequence[float], high: Sequence[float]) -> tuple[slice, slice, slice] | None:
@@ -637,15 +724,19 @@ def _vertebra_extent(shape: VertebraShape) -> tuple[np.ndarray, np.ndarray]:
     drop = shape.spinous_length * math.sin(math.radians(shape.spinous_slope_deg))
     corners = []
     for du in (-0.7 * shape.height - drop - 6, 0.8 * shape.height + 6):
-        for dv in (-reach_back, 0.5 * shape.depth + 3):
+        for dv in (-reach_back, 0.5 * shape.depth + 3 + shape.osteophyte_mm):
             for dw in (-reach_side, reach_side):
                 corners.append(shape.centre + du * shape.frame[0] + dv * shape.frame[1] + dw * shape.frame[2])
     corners_array = np.array(corners)
     return corners_array.min(axis=0), corners_array.max(axis=0)
 
 
-def _render_column(grid: _Grid, model: SpineModel, hu: np.ndarray | None) -> None:
-    """Discs between neighbouring bodies and the fluid of the spinal canal (drawn before bone)."""
+def _render_column(grid: _Grid, model: SpineModel, hu: np.ndarray | None, rng: np.random.Generator | None = None) -> None:
+    """Discs between neighbouring bodies and the fluid of the spinal canal (drawn before bone).
+
+    The disc below a vertebra follows its ``disc_state``: a degenerated disc may hold a gas cleft
+    (vacuum phenomenon) or calcifications; any disc has a slightly denser annulus than nucleus.
+    """
     if hu is None:
         return
     for below, above in zip(model.vertebrae[1:], model.vertebrae[:-1], strict=True):
@@ -667,16 +758,69 @@ def _render_column(grid: _Grid, model: SpineModel, hu: np.ndarray | None) -> Non
         length = np.abs(u) - half
         section = np.maximum(_ellipse_sdf(v, w, 0.51 * depth, 0.52 * width), -0.44 * depth - 0.004 * w * w - v)
         disc = np.clip(0.5 - np.maximum(section, length) / grid.ramp, 0.0, 1.0)
-        disc_hu = model.hu["disc"] if above.label not in _SACRAL else 0.5 * (model.hu["disc"] + below.trabecular_hu) + 100
+        if above.label in _SACRAL:
+            disc_hu: np.ndarray | float = 0.5 * (model.hu["disc"] + below.trabecular_hu) + 100
+        else:
+            annulus = np.clip(1.0 + section / 6.0, 0.0, 1.0)  # outer 6 mm of the disc
+            disc_hu = model.hu["disc"] + 12.0 * annulus
+            if rng is not None and above.disc_state in ("vacuum", "calcified"):
+                lumpy = _smooth_field(rng, u.shape, grid.spacing, 3.0)
+                nucleus = _ellipse_sdf(v - 0.05 * depth, w, 0.22 * depth, 0.25 * width)
+                if above.disc_state == "vacuum":  # a thin, branching gas cleft in the nucleus
+                    cleft = (nucleus + 1.5 * lumpy < 0) & (np.abs(u) < 0.12 * half + 0.3 * lumpy) & (lumpy > -0.3)
+                    disc_hu = np.where(cleft, -550.0 + 150.0 * lumpy, disc_hu)
+                else:
+                    spots = (lumpy > 1.4) & (section > -4.0)
+                    disc_hu = np.where(spots, 260.0 + 80.0 * lumpy, disc_hu)
         canal = np.clip(0.5 - np.maximum(_ellipse_sdf(v + 0.44 * depth + canal_ap, w, canal_ap, canal_lr), length) / grid.ramp, 0.0, 1.0)
         region = hu[box]
         region += disc * (disc_hu - region)
         region += canal * (model.hu["csf"] - region)
 
 
+def _trabecular_texture(rng: np.random.Generator, shape: tuple[int, ...], spacing: np.ndarray, grain_mm: float) -> np.ndarray:
+    """Spongy bone over marrow, zero mean, unit sd: a sheet-and-rod network plus coarser heterogeneity.
+
+    The network is the neighbourhood of the zero level set of a band-limited random field (grain
+    ``grain_mm``, stretched along z where most trabeculae run); a sparser, thicker network adds the
+    bright principal trabeculae and a smooth field the patchy marrow of elderly bone.
+    """
+    stretch = np.array([1.0, 1.0, 1.7])
+
+    def field(sigma_mm: float) -> np.ndarray:
+        noise = rng.standard_normal(shape).astype(np.float32)
+        smooth = ndimage.gaussian_filter(noise, sigma_mm * stretch / spacing, truncate=3.0)
+        return smooth / (smooth.std() + 1e-6)
+
+    network = np.exp(-(field(0.55 * grain_mm) / 0.5) ** 2)
+    principal = np.exp(-(field(1.1 * grain_mm) / 0.22) ** 2)
+    patches = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 2.2 / spacing, truncate=2.5)
+    patches /= patches.std() + 1e-6
+    texture = network + 1.3 * principal + 0.45 * patches
+    return ((texture - texture.mean()) / (texture.std() + 1e-6)).astype(np.float32)
+
+
+def _osteophyte_sdf(shape: VertebraShape, u: np.ndarray, v: np.ndarray, w: np.ndarray, section: np.ndarray,
+                    z_top: np.ndarray, z_bottom: np.ndarray) -> np.ndarray:
+    """Signed distance of the beak-shaped spurs along the anterior and lateral rims of both endplates."""
+    reach = shape.osteophyte_mm * np.clip((v / (0.5 * shape.depth) - 0.15) / 0.5, 0.0, 1.0)
+    reach = reach * (0.7 + 0.3 * np.cos(3.0 * np.arctan2(w, np.abs(v) + 1e-3)) ** 2)
+    safe = np.maximum(reach, 0.3)
+    out_frac = np.clip(section / safe, 0.0, 1.0)
+    curl = 0.6 * safe * out_frac**2  # the spur bends towards the disc
+    half = 0.4 + 1.1 * (1.0 - out_frac)
+    result = np.full(u.shape, 1e3, dtype=np.float32)
+    for t in (u - z_top, z_bottom - u):
+        spur = np.maximum(np.abs(t - curl + 0.3) - half, np.maximum(section - safe, -section - 1.0))
+        result = np.minimum(result, spur)
+    return np.where(reach > 0.3, result, np.float32(1e3))
+
+
 def _render_vertebrae(grid: _Grid, model: SpineModel, hu: np.ndarray | None, labels: np.ndarray,
                       best: np.ndarray, rng: np.random.Generator | None = None) -> None:
     """Bone of every vertebra: cortical shell, trabecular core, fracture sclerosis; labels by nearest."""
+    texture_hu = float(model.traits.get("texture_hu", 50.0))
+    grain_mm = float(model.traits.get("texture_mm", 1.2))
     for shape in model.vertebrae:
         low, high = _vertebra_extent(shape)
         box = grid.box(low, high)
@@ -686,13 +830,17 @@ def _render_vertebrae(grid: _Grid, model: SpineModel, hu: np.ndarray | None, lab
         whole = np.full(box_shape, 1e3, dtype=np.float32)
         body = np.full(box_shape, 1e3, dtype=np.float32)
         band = None
-        body_low = (-0.5 * shape.height - 1, shape.posterior_wall - 1, -0.5 * shape.width - 1)
-        body_high = (0.5 * shape.height + 1, 0.5 * shape.depth + 1, 0.5 * shape.width + 1)
+        spur = shape.osteophyte_mm + 1.0
+        body_low = (-0.5 * shape.height - spur, shape.posterior_wall - 1, -0.5 * shape.width - spur)
+        body_high = (0.5 * shape.height + spur, 0.5 * shape.depth + spur, 0.5 * shape.width + spur)
         body_box = _local_box(grid, shape, body_low, body_high)
         if body_box is not None and (sub := _relative(body_box, box)) is not None:
             absolute = tuple(slice(s.start + b.start, s.stop + b.start) for s, b in zip(sub, box, strict=True))
             u, v, w = grid.local(absolute, shape.centre, shape.frame)  # type: ignore[arg-type]
             body_sdf, top, z_top, z_bottom = _body_sdf(shape, u, v, w)
+            if shape.osteophyte_mm > 0.3:
+                section = _body_section(shape, u, v, w)
+                body_sdf = np.minimum(body_sdf, _osteophyte_sdf(shape, u, v, w, section, z_top, z_bottom))
             body[sub] = body_sdf
             whole[sub] = body_sdf
             if hu is not None:
@@ -700,13 +848,17 @@ def _render_vertebrae(grid: _Grid, model: SpineModel, hu: np.ndarray | None, lab
                 if shape.profile != "normal" and max(shape.top_loss, shape.bottom_loss) > 0.1:
                     band[sub] = 140.0 * np.clip(1.0 - (z_top - u) / 5.0, 0.0, 1.0) * np.clip(top / 0.2, 0.0, 1.0)
                 vein = _capsule(u, v, w, (0.0, shape.posterior_wall + 1.0, 0.0), (0.0, shape.posterior_wall + 7.0, 0.0), 1.6)
-                band[sub] += np.where(vein < 0, 0.5 * (model.hu["blood"] - shape.trabecular_hu), 0.0)
-                # Denser subchondral bone under the endplates, coarse trabecular grain.
+                band[sub] += np.where(vein < 0, 0.5 * (model.hu["vein"] - shape.trabecular_hu), 0.0)
                 to_plate = np.minimum(z_top - u, u - z_bottom)
-                band[sub] += 90.0 * np.clip(1.0 - to_plate / 2.5, 0.0, 1.0)
                 if rng is not None:
-                    grain = ndimage.gaussian_filter(rng.standard_normal(band[sub].shape).astype(np.float32), 0.8 / grid.spacing)
-                    band[sub] += grain * np.float32(0.25 * shape.trabecular_hu / (grain.std() + 1e-6))
+                    # Subchondral sclerosis of uneven thickness and density under the endplates.
+                    uneven = _smooth_field(rng, band[sub].shape, grid.spacing, 5.0)
+                    plate_mm = np.float32(1.8) + np.float32(0.7) * uneven
+                    plate_hu = np.float32(150.0) + np.float32(50.0) * _smooth_field(rng, band[sub].shape, grid.spacing, 7.0)
+                    band[sub] += plate_hu * np.clip(1.0 - to_plate / plate_mm, 0.0, 1.0)
+                    band[sub] += texture_hu * _trabecular_texture(rng, band[sub].shape, grid.spacing, grain_mm)
+                else:
+                    band[sub] += 90.0 * np.clip(1.0 - to_plate / 2.5, 0.0, 1.0)
         for part_low, part_high, function in _vertebra_parts(shape):
             part_box = _local_box(grid, shape, part_low, part_high)
             if part_box is None or (sub := _relative(part_box, box)) is None:
@@ -721,11 +873,18 @@ def _render_vertebrae(grid: _Grid, model: SpineModel, hu: np.ndarray | None, lab
         if hu is None:
             continue
         occupancy = np.clip(0.5 - whole / grid.ramp, 0.0, 1.0)
-        shell = np.clip((whole + shape.cortex_mm) / grid.ramp + 0.5, 0.0, 1.0)
-        core = np.where(body < 0, shape.trabecular_hu, shape.trabecular_hu + 150.0)  # arches: mostly compact bone
+        if rng is not None:  # cortex of uneven thickness and density
+            uneven = _smooth_field(rng, box_shape, grid.spacing, 6.0)
+            cortex_mm = shape.cortex_mm * (1.0 + 0.3 * np.clip(uneven, -2.0, 2.0))
+            cortex_hu = shape.cortex_hu * (1.0 + 0.12 * _smooth_field(rng, box_shape, grid.spacing, 4.0))
+        else:
+            cortex_mm = np.full(box_shape, shape.cortex_mm, dtype=np.float32)
+            cortex_hu = np.full(box_shape, shape.cortex_hu, dtype=np.float32)
+        shell = np.clip((whole + np.where(body < 0, 1.0, 1.4) * cortex_mm) / grid.ramp + 0.5, 0.0, 1.0)
+        core = np.where(body < 0, shape.trabecular_hu, shape.trabecular_hu + 90.0)  # arches: denser, thick cortex
         if band is not None:
             core += band
-        bone = core + (shape.cortex_hu - core) * shell
+        bone = core + (cortex_hu - core) * shell
         region = hu[box]
         region += occupancy * (bone - region)
 
@@ -787,7 +946,10 @@ def _render_torso(grid: _Grid, model: SpineModel, rng: np.random.Generator) -> n
     psoas_radius = np.clip((level_z[19] - z) / (level_z[19] - level_z[24] + 1e-6), 0.0, 1.0)[None, None, :] * 22.0 * scale
     psoas = ((np.abs(dx) - 0.5 * widths - psoas_radius - 4.0) ** 2 + (dyspine - 5.0) ** 2) < psoas_radius**2
     muscle = (paraspinal | psoas) & (depth_in >= model.fat_mm)
-    tissue = np.where(muscle, model.hu["muscle"], tissue)
+    # Muscle with fatty streaks along the fibres (a field stretched cranio-caudally).
+    streaks = _smooth_field(rng, grid.shape, grid.spacing * np.array([1.0, 1.0, 0.3]), 5.0)
+    marbled = model.hu["muscle"] + 7.0 * streaks + (model.hu["fat"] - model.hu["muscle"]) * 0.6 * np.clip(streaks - 1.5, 0.0, 1.0)
+    tissue = np.where(muscle, marbled, tissue)
     # Aorta in front-left of the spine; liver right, kidneys beside the psoas.
     aorta = ((dx + 18.0 * scale) ** 2 + (dyspine - 0.5 * depths - 14.0 * scale) ** 2) < (11.0 * scale) ** 2
     aorta &= (z[None, None, :] > level_z[23])
@@ -796,7 +958,11 @@ def _render_torso(grid: _Grid, model: SpineModel, rng: np.random.Generator) -> n
     liver_z = (z < level_z[15] + 20) & (z > level_z[21])
     liver = (dx > 10.0 * scale) & (dyspine > 0.5 * depths + 5) & (depth_in > model.fat_mm + 12) & liver_z[None, None, :]
     tissue = np.where(liver | kidneys, model.hu["organ"] + 15.0, tissue)
-    tissue = np.where(aorta, model.hu["blood"], tissue)
+    # Inferior vena cava right-anterior of the spine, flatter than the aorta, up to the confluence at L5.
+    ivc = ((dx - 22.0 * scale) / (13.0 * scale)) ** 2 + ((dyspine - 0.5 * depths - 12.0 * scale) / (9.0 * scale)) ** 2 < 1.0
+    ivc &= (z[None, None, :] > level_z[24])
+    tissue = np.where(ivc, model.hu["ivc"], tissue)
+    tissue = np.where(aorta, model.hu["aorta"], tissue)
     # Bowel gas in the anterior abdomen, below the liver and above the pelvic floor.
     gas_z = (z < level_z[21]) & (z > level_z[29] - 30)
     gas = (texture > 1.9) & (dyspine > 0.5 * depths + 35) & (depth_in > model.fat_mm + 15) & gas_z[None, None, :]
@@ -954,7 +1120,7 @@ def _acquire(model: SpineModel, listed: Sequence[int], rng: np.random.Generator,
     del hu_coarse
     labels_fine = np.zeros(render.shape, dtype=np.uint8)
     best = np.full(render.shape, np.inf, dtype=np.float32)
-    _render_column(render, model, hu)
+    _render_column(render, model, hu, texture_rng)
     _render_vertebrae(render, model, hu, labels_fine, best, texture_rng)
     noise_sd = float(rng.uniform(*config.noise_sd_hu))
     blur_mm = float(rng.uniform(*config.blur_sigma_mm))
@@ -1110,6 +1276,12 @@ class BodyMeasurement:
     joining the centroids. ``trabecular_hu`` is the median HU of the body interior >= 3 mm from its
     surface, ``cortex_hu`` the mean and ``cortex_p90_hu`` the 90th percentile of the body's rim
     voxels, ``disc_hu`` the mean HU in the middle third of the disc below.
+
+    Texture of the trabecular bone: ``trabecular_sd_hu`` is the median, over the interior voxels,
+    of the HU standard deviation in a window of about 3 x 3 x 3 mm (at least 2 voxels a side)
+    around each (noise included, as the network sees it); ``trabecular_psd_slope`` the slope of log power against log spatial
+    frequency (0.08-0.42 cycles/mm) of a Hann-windowed 12 mm cube sampled at 1 mm in the middle of
+    the body (steeper: smoother, coarser texture; NaN where the cube does not fit in the body).
     """
 
     label: int
@@ -1123,6 +1295,8 @@ class BodyMeasurement:
     cortex_hu: float = float("nan")
     cortex_p90_hu: float = float("nan")
     disc_hu: float = float("nan")
+    trabecular_sd_hu: float = float("nan")
+    trabecular_psd_slope: float = float("nan")
 
     @property
     def heights(self) -> tuple[float, float, float]:
@@ -1269,12 +1443,59 @@ def measure_vertebral_bodies(labels: np.ndarray, affine: np.ndarray, centroids: 
             core = sub_indicator & (inside_distance >= 3.0) & (ellipsoid < 1.0)
             rim = sub_indicator & (inside_distance <= max(1.5, float(spacing.min()) + 1e-3)) & (ellipsoid < 1.3) & (a > -half + 1.0)
             if core.any():
-                measurement = replace(measurement, trabecular_hu=float(np.median(ct[core])))
+                measurement = replace(measurement, trabecular_hu=float(np.median(ct[core])),
+                                      trabecular_sd_hu=_local_sd(ct, core, spacing))
+            if hu_sampler is not None:
+                frame = np.stack([superior, anterior, lateral])
+                measurement = replace(measurement, trabecular_psd_slope=_spectrum_slope(hu_sampler, sampler, middle, frame))
             if rim.any():
                 measurement = replace(measurement, cortex_hu=float(np.mean(ct[rim])),
                                       cortex_p90_hu=float(np.percentile(ct[rim], 90)))
         results[label] = measurement
     return results
+
+
+def _local_sd(ct: np.ndarray, core: np.ndarray, spacing: np.ndarray, window_mm: float = 3.0) -> float:
+    """Median over ``core`` voxels of the HU standard deviation in a ~``window_mm`` box around each."""
+    size = [max(2, int(round(window_mm / float(s)))) for s in spacing]
+    values = np.asarray(ct, dtype=np.float64)
+    mean = ndimage.uniform_filter(values, size=size)
+    square = ndimage.uniform_filter(values * values, size=size)
+    inner = ndimage.binary_erosion(core, structure=np.ones(size, dtype=bool))
+    if not inner.any():
+        return float("nan")
+    return float(np.median(np.sqrt(np.clip(square - mean * mean, 0.0, None))[inner]))
+
+
+def _spectrum_slope(hu_sampler: _LineSampler, indicator: _LineSampler, middle: np.ndarray, frame: np.ndarray,
+                    side: int = 12, band: tuple[float, float] = (0.08, 0.42)) -> float:
+    """Log-log slope of the radially averaged power spectrum of a 1 mm cube in the body's frame."""
+    steps = np.arange(side, dtype=float) - 0.5 * (side - 1)
+    grid = np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), axis=-1).reshape(-1, 3)
+    points = middle[None, :] + grid @ frame
+    inside = indicator(points)
+    values = hu_sampler(points)
+    if not (np.all(inside >= 0.5) and np.all(np.isfinite(values))):
+        return float("nan")
+    cube = values.reshape(side, side, side)
+    hann = np.hanning(side + 2)[1:-1]
+    window = hann[:, None, None] * hann[None, :, None] * hann[None, None, :]
+    power = np.abs(np.fft.fftn((cube - cube.mean()) * window)) ** 2
+    frequencies = np.fft.fftfreq(side)
+    fx, fy, fz = np.meshgrid(frequencies, frequencies, frequencies, indexing="ij")
+    radius = np.sqrt(fx**2 + fy**2 + fz**2).ravel()
+    edges = np.arange(0.5, side // 2 + 1) / side
+    index = np.digitize(radius, edges)
+    centres, means = [], []
+    for i in range(1, len(edges)):
+        chosen = index == i
+        centre = 0.5 * (edges[i - 1] + edges[i])
+        if chosen.any() and band[0] <= centre <= band[1]:
+            centres.append(centre)
+            means.append(float(power.ravel()[chosen].mean()))
+    if len(centres) < 3 or min(means) <= 0:
+        return float("nan")
+    return float(np.polyfit(np.log(centres), np.log(means), 1)[0])
 
 
 def measure_soft_tissue(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray,

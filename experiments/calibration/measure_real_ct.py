@@ -124,6 +124,7 @@ def _as_dict(measurement: BodyMeasurement) -> dict:
 QUANTITIES = (
     "height_posterior_mm", "height_middle_mm", "height_anterior_mm", "depth_mm", "width_mm",
     "disc_height_below_mm", "trabecular_hu", "cortex_hu", "cortex_p90_hu", "disc_hu",
+    "trabecular_sd_hu", "trabecular_psd_slope",
 )
 
 

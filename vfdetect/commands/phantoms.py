@@ -19,9 +19,13 @@ import click
               help="Share of fractured vertebrae (default 0.19, as in the paper's data).")
 @click.option("--negative-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
               help="Share of patients without any fracture (default 0.12, as in the paper's data).")
+@click.option("--density-fracture-correlation", is_flag=True,
+              help="Experiments only: lower bone density and more kyphosis in patients with fractures "
+                   "(by default no patient property depends on the fractures).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(out_dir: Path, cases: int, seed: int, small: bool, workers: int,
-            fracture_prevalence: float | None, negative_fraction: float | None, quiet: bool) -> None:
+            fracture_prevalence: float | None, negative_fraction: float | None,
+            density_fracture_correlation: bool, quiet: bool) -> None:
     """Write <case>_ct.nii.gz, <case>_ctd.json, <case>_msk.nii.gz, manifest.csv and grades.csv to OUT."""
     import dataclasses
 
@@ -32,6 +36,8 @@ def command(out_dir: Path, cases: int, seed: int, small: bool, workers: int,
         config = dataclasses.replace(config, fracture_prevalence=fracture_prevalence)
     if negative_fraction is not None:
         config = dataclasses.replace(config, negative_fraction=negative_fraction)
+    if density_fracture_correlation:
+        config = dataclasses.replace(config, density_fracture_correlation=True)
     manifest = write_phantom_dataset(out_dir, cases, seed, config, quiet=quiet, workers=workers)
     if not quiet:
         click.echo(f"wrote {cases} phantom case(s); manifest: {manifest}")
