@@ -376,3 +376,19 @@ def test_phantoms_fall_in_real_ct_ranges(small_cases):
         _check(key, values, summary["all_levels"][key], SLACK[key])
     for key, values in tissue.items():
         _check(key, values, summary["soft_tissue"][key], SLACK[key])
+
+
+def test_cli_config_file_sets_phantom_settings(tmp_path) -> None:
+    settings = tmp_path / "phantom.json"
+    settings.write_text(json.dumps({"min_vertebrae": 4, "max_vertebrae": 4, "fov_mm": [90, 90]}))
+    result = CliRunner().invoke(cli, ["phantoms", "--out", str(tmp_path / "out"), "--cases", "1", "--small",
+                                      "--config", str(settings), "--quiet"])
+    assert result.exit_code == 0, result.output
+    (centroid_file,) = (tmp_path / "out").glob("*_ctd.json")
+    assert len(json.loads(centroid_file.read_text())) == 1 + 4  # direction entry + the 4 vertebrae asked for
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"fov": [90, 90]}))
+    result = CliRunner().invoke(cli, ["phantoms", "--out", str(tmp_path / "out2"), "--cases", "1", "--small",
+                                      "--config", str(bad)])
+    assert result.exit_code == 1 and "unknown phantom setting(s): fov" in result.output
+    assert not (tmp_path / "out2").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -22,16 +23,21 @@ import click
 @click.option("--density-fracture-correlation", is_flag=True,
               help="Experiments only: lower bone density and more kyphosis in patients with fractures "
                    "(by default no patient property depends on the fractures).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSON object of PhantomConfig settings (e.g. {\"fov_mm\": [160, 200]}), applied over the "
+                   "defaults (or over --small); the options above override it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(out_dir: Path, cases: int, seed: int, small: bool, workers: int,
             fracture_prevalence: float | None, negative_fraction: float | None,
-            density_fracture_correlation: bool, quiet: bool) -> None:
+            density_fracture_correlation: bool, config_file: Path | None, quiet: bool) -> None:
     """Write <case>_ct.nii.gz, <case>_ctd.json, <case>_msk.nii.gz, manifest.csv and grades.csv to OUT."""
     import dataclasses
 
     from vfdetect.phantom import PhantomConfig, write_phantom_dataset
 
     config = PhantomConfig.small() if small else PhantomConfig()
+    if config_file is not None:
+        config = _with_file_settings(config, config_file)
     if fracture_prevalence is not None:
         config = dataclasses.replace(config, fracture_prevalence=fracture_prevalence)
     if negative_fraction is not None:
@@ -41,3 +47,25 @@ def command(out_dir: Path, cases: int, seed: int, small: bool, workers: int,
     manifest = write_phantom_dataset(out_dir, cases, seed, config, quiet=quiet, workers=workers)
     if not quiet:
         click.echo(f"wrote {cases} phantom case(s); manifest: {manifest}")
+
+
+def _with_file_settings(config: Any, path: Path) -> Any:
+    """``config`` with the settings of the JSON file ``path`` (lists become tuples); unknown keys refused."""
+    import dataclasses
+    import json
+
+    from vfdetect.errors import InputError, VfdetectError, refuse_unknown_fields
+
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(path, f"unreadable JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise InputError(path, "phantom settings must be a JSON object")
+    try:
+        refuse_unknown_fields(type(config), values, "phantom setting(s)")
+        return dataclasses.replace(
+            config, **{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
+        )
+    except (VfdetectError, TypeError) as error:
+        raise InputError(path, str(error)) from None
