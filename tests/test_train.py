@@ -444,6 +444,8 @@ def test_randomise_option_turns_on_the_preset_and_keeps_the_config_files_samplin
     off = _sampling_with_randomise(on, False)
     assert not off.randomise and off.class_weights == on.class_weights
     assert _sampling_with_randomise({}, True) == SamplingConfig.randomised()
+    # the command stores it in the settings as a dict, which TrainConfig reads back
+    assert TrainConfig.from_dict({"sampling": on.to_dict()}).sampling == on
 
 
 # --------------------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def command(
         if label_min_grade is not None:
             settings["min_grade"] = label_min_grade
     if randomise is not None:
-        settings["sampling"] = _sampling_with_randomise(settings.get("sampling") or {}, randomise)
+        settings["sampling"] = _sampling_with_randomise(settings.get("sampling") or {}, randomise).to_dict()
     config = TrainConfig.from_dict(settings)  # a bad setting raises TrainConfigError naming it
 
     cases = read_manifest(manifest, data_root=data_root, grades=grades)
