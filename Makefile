@@ -3,6 +3,8 @@
 #   make demo          install, then the whole chain on embedded synthetic phantoms
 #   make test          install, then the test suite (what CI runs)
 #   make reproduce DATA=path/to/manifest.csv [DATA_ROOT=...]   the paper's protocol on any manifest
+#   make real-anatomy  leave-one-anatomy-out score on the real scans beside the repository (../shared/data/real)
+#   make bundled-model train the bundled model's recipe and package it into vfdetect/models/
 #
 # Installs into the active virtual environment when there is one, else creates ./.venv.
 
@@ -38,8 +40,8 @@ CV_CONFIG ?= experiments/cv5.json
 TRAIN_ARGS ?= --epochs $(DEMO_EPOCHS) --subepochs $(DEMO_SUBEPOCHS) --segments-per-subepoch $(DEMO_SEGMENTS) \
               --precision mixed_bfloat16 --validation-segments 1000 --lr-patience 3
 
-.PHONY: install test test-all lint demo demo-clean phantoms labels train train-demo predict evaluate figures cv \
-        reproduce reproduce-small benchmarks clean
+.PHONY: install test test-all lint demo demo-clean demo-bundled phantoms labels train train-demo predict evaluate \
+        figures cv reproduce reproduce-small real-anatomy bundled-model simulate benchmarks clean
 
 install: $(STAMP)
 
@@ -72,7 +74,7 @@ train: install
 train-demo: phantoms labels train
 
 predict: install
-	$(VFD) predict $(RUN) --manifest $(TEST_DATA) --out $(PRED)
+	$(VFD) predict --model $(RUN) --manifest $(TEST_DATA) --out $(PRED)
 
 evaluate: install
 	$(VFD) evaluate $(TEST_DATA) $(PRED) --out $(EVAL)
@@ -83,7 +85,13 @@ figures: install
 demo-clean:
 	rm -rf $(DEMO)
 
-demo: demo-clean phantoms labels train predict evaluate figures
+# The bundled model on a fresh adult-size phantom: seconds, no training.
+demo-bundled: install
+	$(VFD) phantoms --out $(DEMO)/bundled/phantom --cases 1 --seed 3 --config experiments/phantoms_adult.json --quiet
+	$(VFD) predict $(DEMO)/bundled/phantom/phantom000_ct.nii.gz --out $(DEMO)/bundled/predictions
+	@echo "bundled model: see $(DEMO)/bundled/predictions/phantom000/ (true grades: $(DEMO)/bundled/phantom/grades.csv)"
+
+demo: demo-clean demo-bundled phantoms labels train predict evaluate figures
 	@echo "demo finished: see $(EVAL)/metrics.md and the figures beside it"
 
 cv: install
@@ -98,6 +106,19 @@ reproduce-small: install
 	$(VFD) phantoms --out work/reproduce-small/data --cases 30 --seed 7 --small --workers 2 --negative-fraction 0.4
 	$(VFD) cv work/reproduce-small/data/manifest.csv --out work/reproduce-small --folds 5 --config experiments/cv5_small.json
 	$(VFD) figures work/reproduce-small
+
+# Real CT with simulated fractures (the real scans with vertebra masks beside the repository).
+REAL_DATA ?= ../shared/data/real
+simulate: install
+	$(VFD) simulate-fractures data_manifests/real_anatomy.csv --data-root $(REAL_DATA) --out work/simulated \
+	    --seed 1 --copies 4 --vary-acquisition --preview
+
+real-anatomy: install
+	$(PY) experiments/real_anatomy.py --config experiments/real_anatomy.json --out work/real-anatomy --data-root $(REAL_DATA)
+
+bundled-model: install
+	$(PY) experiments/real_anatomy.py --config experiments/bundled_model.json --out work/bundled-model --data-root $(REAL_DATA)
+	$(PY) experiments/bundle_model.py work/bundled-model --name vfdetect-3d-realct
 
 benchmarks: install
 	$(PY) benchmarks/bench_pipeline.py --out work/benchmarks/pipeline.json
