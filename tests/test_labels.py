@@ -23,7 +23,8 @@ from vfdetect.labels import (
     synthesize_labels,
     synthesize_manifest_labels,
 )
-from vfdetect.vertebrae import Case, Vertebra, attach_grades, read_centroids, read_manifest
+from vfdetect.manifest import Case, read_manifest
+from vfdetect.vertebrae import Vertebra, attach_grades, read_centroids
 
 VERSE014 = "verse19-sub-verse014"
 VERSE004 = "verse19-sub-verse004-annotations"

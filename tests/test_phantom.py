@@ -1,4 +1,4 @@
-"""Tests of the synthetic spine CT phantoms (vfdetect/phantom.py and `vfdetect phantoms`)."""
+"""Tests of the synthetic spine CT phantoms (the package vfdetect/phantom/ and `vfdetect phantoms`)."""
 
 from __future__ import annotations
 
@@ -18,15 +18,13 @@ from vfdetect.phantom import (
     LEVELS,
     MORPHOLOGIES,
     PhantomConfig,
-    _build_model,
-    _choose_levels,
-    _draw_fractures,
     generate_phantom,
     measure_soft_tissue,
     measure_vertebral_bodies,
     render_vertebra_labels,
     write_phantom_dataset,
 )
+from vfdetect.phantom.anatomy import _build_model, _choose_levels, _draw_fractures
 from vfdetect.vertebrae import read_centroids, read_grades, read_manifest, spine_rank
 
 CALIBRATION = Path(__file__).resolve().parents[1] / "experiments" / "calibration" / "real_ct_measurements.json"

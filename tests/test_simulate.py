@@ -1,4 +1,4 @@
-"""Tests of fractures planted in real CT (vfdetect/simulate.py and `vfdetect simulate-fractures`)."""
+"""Tests of fractures planted in real CT (the package vfdetect/simulate/ and `vfdetect simulate-fractures`)."""
 
 from __future__ import annotations
 

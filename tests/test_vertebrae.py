@@ -1,4 +1,4 @@
-"""Tests of vfdetect.vertebrae: names, centroid files, grade tables and manifests."""
+"""Tests of vfdetect.vertebrae (names, centroid files, masks) and vfdetect.manifest (grade tables, manifests)."""
 
 from __future__ import annotations
 
@@ -11,27 +11,29 @@ import numpy as np
 import pytest
 
 from vfdetect.errors import InputError, VfdetectError
-from vfdetect.vertebrae import (
-    LABEL_NAMES,
-    PAPER_LEVELS,
-    SPINE_ORDER,
-    TOTALSEGMENTATOR_V2_TO_VERSE,
+from vfdetect.manifest import (
     Case,
-    Vertebra,
-    axis_codes,
-    centroids_from_mask,
-    load_centroids,
-    read_centroids,
     read_grades,
     read_manifest,
     read_verse19_manifest_table,
     read_verse19_vertebra_data,
     verse19_case_id,
+    write_grades,
+    write_manifest,
+)
+from vfdetect.vertebrae import (
+    LABEL_NAMES,
+    PAPER_LEVELS,
+    SPINE_ORDER,
+    TOTALSEGMENTATOR_V2_TO_VERSE,
+    Vertebra,
+    axis_codes,
+    centroids_from_mask,
+    load_centroids,
+    read_centroids,
     vertebra_label,
     vertebra_name,
     write_centroids,
-    write_grades,
-    write_manifest,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -478,3 +480,15 @@ def test_committed_real_manifest(real_data):
     vertebrae = cases[1].vertebrae(ct.affine, ct.shape)
     assert [vertebra.name for vertebra in vertebrae] == ["T12", "L1", "L2", "L3", "L4", "L5", "S1"]
     assert all(vertebra.grade is None for vertebra in vertebrae)
+
+
+def test_manifest_names_are_importable_from_vertebrae_too() -> None:
+    from vfdetect import manifest, vertebrae
+
+    for name in manifest.__all__:
+        assert getattr(vertebrae, name) is getattr(manifest, name)
+    assert vertebrae._FileIndex is manifest.FileIndex
+    assert vertebrae._read_csv_rows is manifest.read_csv_rows
+    assert vertebrae._resolve_entry is manifest.resolve_entry
+    with pytest.raises(AttributeError):
+        vertebrae.no_such_name  # noqa: B018

@@ -642,3 +642,11 @@ def test_nifti2_and_big_endian_inputs_save_back(tmp_path: Path) -> None:
         saved = nib.load(out)
         np.testing.assert_array_equal(saved.get_fdata(), data * 2.0)
         np.testing.assert_array_equal(saved.affine, affine)
+
+
+def test_frame_and_dicom_names_are_importable_from_volume() -> None:
+    from vfdetect import dicom, frame, volume
+
+    for name in ("Volume", "SourceGrid", "internal_grid", "to_internal", "to_source", "voxel_to_world", "world_to_voxel"):
+        assert getattr(volume, name) is getattr(frame, name)
+    assert volume.load_dicom_series is dicom.load_dicom_series

@@ -47,7 +47,8 @@ from typing import Any
 import numpy as np
 
 from vfdetect.errors import InputError, VfdetectError, refuse_unknown_fields
-from vfdetect.vertebrae import SPINE_ORDER, Case, Vertebra, sort_vertebrae, spine_rank
+from vfdetect.manifest import Case
+from vfdetect.vertebrae import SPINE_ORDER, Vertebra, sort_vertebrae, spine_rank
 
 BACKGROUND, NORMAL, FRACTURE = 0, 1, 2
 """Class values of a label image."""

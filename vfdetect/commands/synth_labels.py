@@ -93,7 +93,7 @@ def command(
     `vfdetect train` reads --min-grade back.
     """
     from vfdetect.labels import LabelConfig, synthesize_manifest_labels
-    from vfdetect.vertebrae import read_manifest
+    from vfdetect.manifest import read_manifest
 
     overrides: dict[str, Any] = {
         key: value
