@@ -1,4 +1,5 @@
-"""Tests of vfdetect.cv: split properties, splits.json reuse, resumable orchestration with stand-in stages."""
+"""Tests of vfdetect.cv, vfdetect.model_selection and vfdetect.stages: split properties, splits.json reuse,
+resumable orchestration with stand-in stages."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from vfdetect import cv
+from vfdetect import cv, model_selection
 from vfdetect.errors import InputError, VfdetectError
+from vfdetect.layout import CvFolder, LabelFolder
+from vfdetect.stages import Stages, default_stages, evaluate_stage, is_positive
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ def test_folds_are_stratified_partition_with_two_negatives() -> None:
     cases = cohort(31, 11)
     config = cv.CvConfig(n_folds=5, seed=3)
     folds = cv.make_folds(cases, config)
-    negatives = {c.case for c in cases if not cv.is_positive(c)}
+    negatives = {c.case for c in cases if not is_positive(c)}
     tests = [name for fold in folds for name in fold.test]
     assert sorted(tests) == sorted(c.case for c in cases)  # partition
     negative_counts = [sum(n in negatives for n in fold.test) for fold in folds]
@@ -66,7 +69,7 @@ def test_splits_json_is_saved_and_reused(tmp_path: Path) -> None:
     cases = cohort(20, 6)
     config = cv.CvConfig(n_folds=3, seed=1)
     folds = cv.ensure_splits(cases, tmp_path, config)
-    path = tmp_path / cv.SPLITS_NAME
+    path = CvFolder(tmp_path).splits
     document = json.loads(path.read_text())
     assert document["settings"]["seed"] == 1 and len(document["folds"]) == 3
     # the saved file is authoritative: edit it and the edited split comes back
@@ -96,15 +99,15 @@ class StandIns:
     fail_predict_for: str | None = None
     grid: tuple[int, int, int] = (6, 6, 6)
 
-    def stages(self) -> cv.Stages:
-        return cv.Stages(self.synthesize, self.train, self.predict, cv._evaluate)
+    def stages(self) -> Stages:
+        return Stages(self.synthesize, self.train, self.predict, evaluate_stage)
 
     def synthesize(self, cases, labels_dir: Path) -> None:  # type: ignore[no-untyped-def]
         self.calls.append(("labels", *sorted(c.case for c in cases)))
         labels_dir.mkdir(parents=True, exist_ok=True)
         for case in cases:
             data = np.zeros(self.grid, np.uint8)
-            data[2:4, 2:4, 2:4] = 2 if cv.is_positive(case) else 1
+            data[2:4, 2:4, 2:4] = 2 if is_positive(case) else 1
             nib.save(nib.Nifti1Image(data, np.eye(4)), labels_dir / f"{case.case}_labels.nii.gz")
 
     def train(self, train_cases, validation_cases, labels_dir: Path, run_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -124,13 +127,13 @@ class StandIns:
             number = int(case.case[-2:])
             vertebrae = [{"label": label, "fracture_probability": 0.2 + 0.5 * (grade > 0) + 0.01 * number % 0.2,
                           "centroid_mm": [0, 0, label]} for label, grade in case.grades.items()]
-            large = 300.0 if cv.is_positive(case) else 40.0
+            large = 300.0 if is_positive(case) else 40.0
             (folder / "report.json").write_text(json.dumps({
                 "vertebrae": vertebrae, "patient_fracture_probability": max(v["fracture_probability"] for v in vertebrae),
                 "component_sizes": {"probability_thresholds": [0.5], "largest_component_mm3": [large + number]},
             }))
             data = np.zeros(self.grid, np.uint8)
-            data[2:4, 2:4, 2:3] = 2 if cv.is_positive(case) else 1
+            data[2:4, 2:4, 2:3] = 2 if is_positive(case) else 1
             nib.save(nib.Nifti1Image(data, np.eye(4)), folder / "labels.nii.gz")
 
 
@@ -140,9 +143,9 @@ def test_cross_validation_runs_resumes_and_pools(tmp_path: Path) -> None:
     stand_ins = StandIns(fail_predict_for="case14")
     with pytest.raises(VfdetectError, match="stand-in failure"):
         cv.run_cross_validation(cases, tmp_path, config, stand_ins.stages())
-    failed_fold = next(f.index for f in cv.read_splits(tmp_path / cv.SPLITS_NAME)[1] if "case14" in f.test)
-    assert not (tmp_path / f"fold{failed_fold}" / cv.FOLD_DONE_NAME).exists()
-    finished_before = {f for f in range(3) if (tmp_path / f"fold{f}" / cv.FOLD_DONE_NAME).is_file()}
+    failed_fold = next(f.index for f in cv.read_splits(CvFolder(tmp_path).splits)[1] if "case14" in f.test)
+    assert not CvFolder(tmp_path).fold(failed_fold).done.exists()
+    finished_before = {f for f in range(3) if CvFolder(tmp_path).fold(f).done.is_file()}
     assert finished_before == set(range(failed_fold))
     predicted_before = {c[1] for c in stand_ins.calls if c[0] == "predict" and c[2] == "predictions"}
 
@@ -173,8 +176,8 @@ def test_cross_validation_runs_resumes_and_pools(tmp_path: Path) -> None:
 def test_model_selection_compares_variants(tmp_path: Path) -> None:
     cases = cohort(12, 4)
     stand_ins = StandIns()
-    config = cv.ModelSelectionConfig(n_bootstrap=10)
-    document = cv.run_model_selection(cases, tmp_path, config, lambda variant: stand_ins.stages())
+    config = model_selection.ModelSelectionConfig(n_bootstrap=10)
+    document = model_selection.run_model_selection(cases, tmp_path, config, lambda variant: stand_ins.stages())
     assert [row["variant"] for row in document["variants"]] == ["1slice", "5slices", "3d"]
     assert len(document["validation"]) == round(12 * 22 / 90)
     row = document["variants"][0]
@@ -184,14 +187,14 @@ def test_model_selection_compares_variants(tmp_path: Path) -> None:
     assert document["figure3_case"] in document["validation"]
     assert "| 3d |" in (tmp_path / "model_selection.md").read_text()
     trains = sum(c[0] == "train" for c in stand_ins.calls)
-    cv.run_model_selection(cases, tmp_path, config, lambda variant: stand_ins.stages())
+    model_selection.run_model_selection(cases, tmp_path, config, lambda variant: stand_ins.stages())
     assert sum(c[0] == "train" for c in stand_ins.calls) == trains  # finished variants reused
 
 
 def test_voxel_agreement_by_hand() -> None:
     reference = np.array([0, 0, 1, 1, 2, 2])
     predicted = np.array([0, 1, 1, 2, 2, 2])
-    agreement = cv.voxel_agreement(predicted, reference)
+    agreement = model_selection.voxel_agreement(predicted, reference)
     assert agreement["accuracy"] == pytest.approx(4 / 6)
     assert agreement["vertebra_accuracy"] == pytest.approx(3 / 4)
     assert agreement["normal_recall"] == pytest.approx(0.5)
@@ -209,7 +212,7 @@ def test_experiment_files_parse(tmp_path: Path) -> None:
         if document["experiment"] == "cv":
             cv.CvConfig(**document["cv"])
         else:
-            assert cv.ModelSelectionConfig(**document["model_selection"]).variants == cv.VARIANTS
+            assert model_selection.ModelSelectionConfig(**document["model_selection"]).variants == model_selection.VARIANTS
     bad = tmp_path / "bad.json"
     bad.write_text('{"experiment": "cv", "cv": {"folds": 5}}')
     with pytest.raises(InputError, match="unknown 'cv' setting"):
@@ -232,7 +235,7 @@ def test_cv_command_reports_too_few_negatives(tmp_path: Path) -> None:
                                       "--folds", "2", "--quiet"])
     assert result.exit_code == 1
     assert "only 3 negative patient(s)" in result.output and "need 4" in result.output
-    assert not (tmp_path / "out" / cv.SPLITS_NAME).exists()
+    assert not CvFolder(tmp_path / "out").splits.exists()
 
 
 @dataclass
@@ -246,7 +249,7 @@ class ScoredStandIns(StandIns):
     def predict(self, run_dir: Path, cases, pred_dir: Path) -> None:  # type: ignore[no-untyped-def]
         for case in cases:
             self.calls.append(("predict", case.case, pred_dir.name))
-            positive = cv.is_positive(case, 2)
+            positive = is_positive(case, 2)
             score = (0.6 if positive else 0.3) if pred_dir.name == "predictions_validation" else (
                 0.4 if positive else 0.2)
             folder = pred_dir / case.case
@@ -277,9 +280,9 @@ def test_patient_threshold_is_chosen_on_the_training_side_only(tmp_path: Path) -
     assert "validation cases" in pooled["note"]
     # the fixed rule of the reports is summarised beside it, and truth follows min_grade everywhere
     assert result.pooled_metrics["patient_fixed_rule"]["thresholds"] == [0.5]
-    positives = sum(cv.is_positive(c, 2) for c in cases)
-    assert result.pooled_metrics["patient_counts"]["positive"] == positives < sum(cv.is_positive(c) for c in cases)
-    splits = json.loads((tmp_path / cv.SPLITS_NAME).read_text())
+    positives = sum(is_positive(c, 2) for c in cases)
+    assert result.pooled_metrics["patient_counts"]["positive"] == positives < sum(is_positive(c) for c in cases)
+    splits = json.loads((CvFolder(tmp_path).splits).read_text())
     assert len(splits["positive_cases"]) == positives
     assert "chosen without the test cases" in (tmp_path / "evaluation" / "metrics.md").read_text()
 
@@ -289,7 +292,7 @@ def test_choose_patient_threshold_falls_back_on_one_class(tmp_path: Path) -> Non
     for case, score in zip(cases, (0.7, 0.9), strict=True):
         (tmp_path / case.case).mkdir()
         (tmp_path / case.case / "report.json").write_text(json.dumps(
-            {"patient_fracture_probability": score, "patient_threshold": 0.42}))
+            {"vertebrae": [], "patient_fracture_probability": score, "patient_threshold": 0.42}))
     record = cv.choose_patient_threshold(cases, tmp_path)
     assert record["threshold"] == 0.42 and "one class" in record["fallback"]
     with pytest.raises(VfdetectError, match="patient_threshold_from"):
@@ -299,6 +302,7 @@ def test_choose_patient_threshold_falls_back_on_one_class(tmp_path: Path) -> Non
 def test_default_stages_label_images_follow_min_grade(tmp_path: Path) -> None:
     from vfdetect.labels import FRACTURE, IGNORE
     from vfdetect.vertebrae import Case, Vertebra, write_centroids
+    from vfdetect.volume import load_label_image
 
     affine = np.eye(4)
     hu = np.full((40, 40, 80), -1000, dtype=np.int16)
@@ -313,8 +317,8 @@ def test_default_stages_label_images_follow_min_grade(tmp_path: Path) -> None:
     values = {}
     for min_grade in (1, 2):
         labels_dir = tmp_path / f"labels{min_grade}"
-        cv.default_stages({"min_grade": min_grade}, quiet=True).synthesize_labels([case], labels_dir)
-        labels = np.asarray(nib.load(labels_dir / "c_labels.nii.gz").dataobj)
+        default_stages({"min_grade": min_grade}, quiet=True).synthesize_labels([case], labels_dir)
+        labels = load_label_image(LabelFolder(labels_dir).image("c"))[0].array
         values[min_grade] = labels[20, 20, 45]
-        assert json.loads((labels_dir / "label_config.json").read_text())["min_grade"] == min_grade
+        assert json.loads(LabelFolder(labels_dir).config.read_text())["min_grade"] == min_grade
     assert values[1] == FRACTURE and values[2] == IGNORE

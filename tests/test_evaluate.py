@@ -1,4 +1,5 @@
-"""Tests of vfdetect.evaluate: ROC, convex hull, patient grid, bootstrap, files written."""
+"""Tests of the evaluation: vfdetect.metrics (ROC, convex hull, patient grid, bootstrap), vfdetect.evaluation
+(metrics of matched records) and vfdetect.evaluate (predictions read, files written)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sklearn_roc_curve
 
 from vfdetect import evaluate as ev
+from vfdetect import evaluation, metrics
 from vfdetect.errors import VfdetectError
 from vfdetect.jsonutil import json_safe
 
@@ -25,7 +27,7 @@ def test_roc_matches_sklearn_with_ties() -> None:
     rng = np.random.default_rng(3)
     truth = rng.random(200) < 0.3
     scores = np.round(rng.random(200) + 0.3 * truth, 1)  # rounding makes many ties
-    ours = ev.roc_curve(truth, scores)
+    ours = metrics.roc_curve(truth, scores)
     fpr, tpr, thresholds = sklearn_roc_curve(truth, scores, drop_intermediate=False)
     np.testing.assert_allclose(ours.fpr, fpr)
     np.testing.assert_allclose(ours.tpr, tpr)
@@ -36,45 +38,45 @@ def test_roc_matches_sklearn_with_ties() -> None:
 def test_roc_hand_computed_perfect_inverted_tied() -> None:
     truth = [True, False, True, False]
     # pairs (pos, neg): 0.9>0.8, 0.9>0.3, 0.4<0.8, 0.4>0.3 -> 3/4
-    assert ev.roc_auc(truth, [0.9, 0.8, 0.4, 0.3]) == pytest.approx(0.75)
-    assert ev.roc_auc(truth, [1.0, 0.0, 0.9, 0.1]) == pytest.approx(1.0)
-    assert ev.roc_auc(truth, [0.0, 1.0, 0.1, 0.9]) == pytest.approx(0.0)
-    tied = ev.roc_curve(truth, [0.5, 0.5, 0.5, 0.5])
+    assert metrics.roc_auc(truth, [0.9, 0.8, 0.4, 0.3]) == pytest.approx(0.75)
+    assert metrics.roc_auc(truth, [1.0, 0.0, 0.9, 0.1]) == pytest.approx(1.0)
+    assert metrics.roc_auc(truth, [0.0, 1.0, 0.1, 0.9]) == pytest.approx(0.0)
+    tied = metrics.roc_curve(truth, [0.5, 0.5, 0.5, 0.5])
     np.testing.assert_allclose(tied.fpr, [0, 1])
     np.testing.assert_allclose(tied.tpr, [0, 1])
     assert tied.auc == pytest.approx(0.5)
     # one tie between a positive and a negative counts half: (1 + 0.5 + 1 + 1) / 4
-    assert ev.roc_auc(truth, [0.9, 0.5, 0.5, 0.1]) == pytest.approx(0.875)
+    assert metrics.roc_auc(truth, [0.9, 0.5, 0.5, 0.1]) == pytest.approx(0.875)
 
 
 def test_single_class_has_no_roc() -> None:
-    assert math.isnan(ev.roc_auc([True, True], [0.1, 0.2]))
+    assert math.isnan(metrics.roc_auc([True, True], [0.1, 0.2]))
     with pytest.raises(VfdetectError, match="positives and negatives"):
-        ev.roc_curve([False, False, False], [0.1, 0.2, 0.3])
+        metrics.roc_curve([False, False, False], [0.1, 0.2, 0.3])
 
 
 def test_convex_hull_hand_made_points() -> None:
     fpr = [0.0, 0.2, 0.1, 0.5, 0.4, 0.35, 0.5]
     tpr = [0.4, 0.7, 0.5, 0.9, 0.75, 0.8, 0.6]
-    hull_fpr, hull_tpr, index = ev.convex_hull_roc(fpr, tpr)
+    hull_fpr, hull_tpr, index = metrics.convex_hull_roc(fpr, tpr)
     np.testing.assert_allclose(hull_fpr, [0, 0, 0.2, 0.5, 1])
     np.testing.assert_allclose(hull_tpr, [0, 0.4, 0.7, 0.9, 1])
     assert index.tolist() == [-1, 0, 1, 3, -1]  # (0.35, 0.8) is on the edge, not a corner
-    assert ev.trapezoid_area(hull_fpr, hull_tpr) == pytest.approx(0.11 + 0.24 + 0.475)
+    assert metrics.trapezoid_area(hull_fpr, hull_tpr) == pytest.approx(0.11 + 0.24 + 0.475)
 
 
 def test_convex_hull_of_an_roc_curve_dominates_it() -> None:
     rng = np.random.default_rng(0)
     truth = rng.random(80) < 0.4
-    roc = ev.roc_curve(truth, rng.random(80) + truth * 0.2)
-    hull_fpr, hull_tpr, _ = ev.convex_hull_roc(roc.fpr, roc.tpr)
-    assert ev.trapezoid_area(hull_fpr, hull_tpr) >= roc.auc
-    assert np.all(ev.interpolate_roc(hull_fpr, hull_tpr, roc.fpr) >= roc.tpr - 1e-12)
+    roc = metrics.roc_curve(truth, rng.random(80) + truth * 0.2)
+    hull_fpr, hull_tpr, _ = metrics.convex_hull_roc(roc.fpr, roc.tpr)
+    assert metrics.trapezoid_area(hull_fpr, hull_tpr) >= roc.auc
+    assert np.all(metrics.interpolate_roc(hull_fpr, hull_tpr, roc.fpr) >= roc.tpr - 1e-12)
     assert np.all(np.diff(hull_tpr) >= 0)
 
 
 def test_interpolate_roc_uses_top_of_vertical_steps() -> None:
-    values = ev.interpolate_roc(np.array([0, 0, 0.5, 1]), np.array([0, 0.6, 1, 1]), np.array([0, 0.25, 1]))
+    values = metrics.interpolate_roc(np.array([0, 0, 0.5, 1]), np.array([0, 0.6, 1, 1]), np.array([0, 0.25, 1]))
     np.testing.assert_allclose(values, [0.6, 0.8, 1.0])
 
 
@@ -88,7 +90,7 @@ PATIENT_LARGEST = np.array([[800, 400], [300, 0], [500, 0], [100, 50]], dtype=fl
 
 
 def test_patient_roc_hull_by_hand() -> None:
-    roc = ev.patient_roc(PATIENT_TRUTH, PATIENT_LARGEST, PATIENT_THRESHOLDS)
+    roc = metrics.patient_roc(PATIENT_TRUTH, PATIENT_LARGEST, PATIENT_THRESHOLDS)
     # column 0.3 gives (0, .5) (.5, .5) (.5, 1) (1, 1); column 0.7 gives (0, .5) (.5, .5)
     np.testing.assert_allclose(roc.hull_fpr, [0, 0, 0.5, 1])
     np.testing.assert_allclose(roc.hull_tpr, [0, 0.5, 1, 1])
@@ -97,20 +99,20 @@ def test_patient_roc_hull_by_hand() -> None:
     assert (corners[1]["probability_threshold"], corners[1]["noise_threshold_mm3"]) == (0.3, 800)
     assert (corners[2]["probability_threshold"], corners[2]["noise_threshold_mm3"]) == (0.3, 300)
     assert corners[0]["probability_threshold"] is None
-    best = roc.points.rows()[ev.best_operating_point(roc.points)]
+    best = roc.points.rows()[metrics.best_operating_point(roc.points)]
     assert (best["probability_threshold"], best["noise_threshold_mm3"], best["specificity"]) == (0.3, 800, 1.0)
     # a single column's hull is at least the ROC of its largest-component score
-    assert roc.auc >= ev.roc_auc(PATIENT_TRUTH, PATIENT_LARGEST[:, 0])
+    assert roc.auc >= metrics.roc_auc(PATIENT_TRUTH, PATIENT_LARGEST[:, 0])
 
 
 def test_patient_operating_table_counts() -> None:
-    points = ev.patient_operating_points(PATIENT_TRUTH, PATIENT_LARGEST, PATIENT_THRESHOLDS, [0, 350])
+    points = metrics.patient_operating_points(PATIENT_TRUTH, PATIENT_LARGEST, PATIENT_THRESHOLDS, [0, 350])
     rows = points.rows()
     # noise 0 at p 0.3: all four non-empty -> positive; at p 0.7 case 1 and 2 have nothing
     # at p 0.3 and 350 mm³: 800 (positive) and 500 (negative) survive; at p 0.7 only 400 (positive)
     assert [(r["true_positives"], r["false_positives"]) for r in rows] == [(2, 2), (1, 1), (1, 1), (1, 0)]
     assert rows[3]["recall"] == 0.5 and rows[3]["specificity"] == 1.0
-    assert ev.patient_calls(np.array([0.0, 10.0, 20.0]), 0).tolist() == [False, True, True]
+    assert metrics.patient_calls(np.array([0.0, 10.0, 20.0]), 0).tolist() == [False, True, True]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,9 +124,9 @@ def test_bootstrap_counts_single_class_resamples_and_clusters_cases() -> None:
     truth = np.array([True, False, False, False, False, False])
     scores = np.array([0.9, 0.1, 0.2, 0.3, 0.4, 0.5])
     case_of_vertebra = np.array([0, 0, 1, 1, 2, 2])
-    curve = ev.vertebra_curve_for_resample(truth, scores, case_of_vertebra)
-    resamples = ev.bootstrap_case_indices(3, 300, np.random.default_rng(1))
-    result = ev.bootstrap_roc(resamples, curve)
+    curve = metrics.vertebra_curve_for_resample(truth, scores, case_of_vertebra)
+    resamples = metrics.bootstrap_case_indices(3, 300, np.random.default_rng(1))
+    result = metrics.bootstrap_roc(resamples, curve)
     without_case0 = int(np.sum(~np.any(resamples == 0, axis=1)))
     assert without_case0 > 0
     assert result.n_single_class == without_case0
@@ -132,7 +134,7 @@ def test_bootstrap_counts_single_class_resamples_and_clusters_cases() -> None:
     assert np.all(result.aucs == 1.0) and result.auc_sd == 0.0
     # clustered: drawing case 2 twice repeats both of its vertebrae
     fpr, tpr = curve(np.array([0, 2, 2]))  # type: ignore[misc]
-    direct = ev.roc_curve(truth[[0, 1, 4, 5, 4, 5]], scores[[0, 1, 4, 5, 4, 5]])
+    direct = metrics.roc_curve(truth[[0, 1, 4, 5, 4, 5]], scores[[0, 1, 4, 5, 4, 5]])
     np.testing.assert_allclose(fpr, direct.fpr)
     np.testing.assert_allclose(tpr, direct.tpr)
 
@@ -142,29 +144,29 @@ def test_bootstrap_is_seeded_and_spreads() -> None:
     truth = rng.random(60) < 0.3
     scores = rng.random(60) + 0.4 * truth
     cases = np.arange(60) // 3
-    curve = ev.vertebra_curve_for_resample(truth, scores, cases)
-    first = ev.bootstrap_roc(ev.bootstrap_case_indices(20, 200, np.random.default_rng(9)), curve)
-    again = ev.bootstrap_roc(ev.bootstrap_case_indices(20, 200, np.random.default_rng(9)), curve)
+    curve = metrics.vertebra_curve_for_resample(truth, scores, cases)
+    first = metrics.bootstrap_roc(metrics.bootstrap_case_indices(20, 200, np.random.default_rng(9)), curve)
+    again = metrics.bootstrap_roc(metrics.bootstrap_case_indices(20, 200, np.random.default_rng(9)), curve)
     np.testing.assert_array_equal(first.aucs, again.aucs)
     assert 0 < first.auc_sd < 0.3
     low, high = first.auc_interval95
-    assert low < ev.roc_auc(truth, scores) < high
+    assert low < metrics.roc_auc(truth, scores) < high
     assert np.all(np.diff(first.tpr_mean) >= -1e-12) and first.tpr_mean[-1] == pytest.approx(1.0)
 
 
 def test_jitter_centroids_sd_and_zero() -> None:
     points = np.zeros((20000, 3))
-    jittered = ev.jitter_centroids(points, 3.0, np.random.default_rng(0))
+    jittered = evaluation.jitter_centroids(points, 3.0, np.random.default_rng(0))
     assert jittered.std(axis=0) == pytest.approx([3, 3, 3], rel=0.03)
-    np.testing.assert_array_equal(ev.jitter_centroids(points[:5], 0.0, np.random.default_rng(0)), points[:5])
+    np.testing.assert_array_equal(evaluation.jitter_centroids(points[:5], 0.0, np.random.default_rng(0)), points[:5])
 
 
 def test_detection_by_grade_and_level() -> None:
     grades = np.array([0, 0, 1, 2, 3, 3])
     detected = np.array([True, False, False, True, True, True])
-    rows = {r["grade"]: r for r in ev.detection_by_grade(grades, detected)}
+    rows = {r["grade"]: r for r in evaluation.detection_by_grade(grades, detected)}
     assert rows[0]["rate"] == 0.5 and rows[1]["rate"] == 0.0 and rows[3]["rate"] == 1.0
-    levels = ev.detection_by_level(np.array([20, 20, 20, 19, 19, 21]), grades >= 1, detected)
+    levels = evaluation.detection_by_level(np.array([20, 20, 20, 19, 19, 21]), grades >= 1, detected)
     assert [r["name"] for r in levels] == ["T12", "L1", "L2"]  # cranio-caudal
     l1 = levels[1]
     assert (l1["fractured"], l1["detected"], l1["normal"], l1["true_negatives"]) == (1, 0, 2, 1)
@@ -317,17 +319,17 @@ def test_map_scores_without_noise_reproduce_report_scores(tmp_path: Path) -> Non
 # ----------------------------------------------------------------------------------------------
 
 
-def _records(n_cases: int = 30, seed: int = 0) -> tuple[list[ev.VertebraRecord], list[ev.PatientRecord]]:
+def _records(n_cases: int = 30, seed: int = 0) -> tuple[list[evaluation.VertebraRecord], list[evaluation.PatientRecord]]:
     rng = np.random.default_rng(seed)
     vertebrae, patients = [], []
     for i in range(n_cases):
         grades = [int(rng.random() < 0.2) * 2 for _ in range(4)] if i % 3 else [0, 0, 0, 0]
         for k, grade in enumerate(grades):
-            vertebrae.append(ev.VertebraRecord(f"c{i}", 18 + k, grade,
+            vertebrae.append(evaluation.VertebraRecord(f"c{i}", 18 + k, grade,
                                                float(np.clip(0.3 + 0.3 * (grade > 0) + rng.normal(0, 0.2), 0, 1))))
         size = 150.0 * (max(grades) > 0) + rng.normal(200, 150)
         largest = (max(size, 0.0) * 2, max(size, 0.0), max(size - 150, 0.0))
-        patients.append(ev.PatientRecord(f"c{i}", max(grades), (0.3, 0.5, 0.7), largest,
+        patients.append(evaluation.PatientRecord(f"c{i}", max(grades), (0.3, 0.5, 0.7), largest,
                                          patient_score=max(v.fracture_probability for v in vertebrae[-4:]),
                                          patient_fracture=bool(size > 300), patient_threshold=0.5,
                                          patient_rule="patient_score >= patient_threshold"))
@@ -336,7 +338,7 @@ def _records(n_cases: int = 30, seed: int = 0) -> tuple[list[ev.VertebraRecord],
 
 def test_headline_auc_has_percentile_interval_from_resamples() -> None:
     vertebrae, patients = _records()
-    result = ev.evaluate_records(vertebrae, patients, n_bootstrap=300, seed=2)
+    result = evaluation.evaluate_records(vertebrae, patients, n_bootstrap=300, seed=2)
     metrics, arrays = result["metrics"], result["arrays"]
     for level in ("vertebra", "patient"):
         aucs = arrays[f"{level}_bootstrap_aucs"]
@@ -358,19 +360,19 @@ def test_headline_auc_has_percentile_interval_from_resamples() -> None:
 
 
 def test_fixed_hull_classifiers_on_all_cases_give_the_hull_auc() -> None:
-    roc = ev.patient_roc(PATIENT_TRUTH, PATIENT_LARGEST, PATIENT_THRESHOLDS)
-    calls = ev.hull_corner_calls(roc, PATIENT_LARGEST, PATIENT_THRESHOLDS)
+    roc = metrics.patient_roc(PATIENT_TRUTH, PATIENT_LARGEST, PATIENT_THRESHOLDS)
+    calls = metrics.hull_corner_calls(roc, PATIENT_LARGEST, PATIENT_THRESHOLDS)
     assert calls.shape == (3, 4)  # (0, .5), (.5, 1) and the real classifier at (1, 1)
-    curve = ev.fixed_classifier_curve_for_resample(PATIENT_TRUTH, calls)
+    curve = metrics.fixed_classifier_curve_for_resample(PATIENT_TRUTH, calls)
     fpr, tpr = curve(np.arange(4))  # type: ignore[misc]
-    assert ev.trapezoid_area(fpr, tpr) == pytest.approx(roc.auc)
+    assert metrics.trapezoid_area(fpr, tpr) == pytest.approx(roc.auc)
     # the false positive drawn three times: (0, .5), (.75, 1), (1, 1) -> 0.8125; refitting never does worse
     resample = np.array([0, 1, 2, 2, 2, 3])
     fpr, tpr = curve(resample)  # type: ignore[misc]
-    assert ev.trapezoid_area(fpr, tpr) == pytest.approx(0.8125)
-    refit_fpr, refit_tpr = ev.patient_curve_for_resample(PATIENT_TRUTH, PATIENT_LARGEST, PATIENT_THRESHOLDS)(
+    assert metrics.trapezoid_area(fpr, tpr) == pytest.approx(0.8125)
+    refit_fpr, refit_tpr = metrics.patient_curve_for_resample(PATIENT_TRUTH, PATIENT_LARGEST, PATIENT_THRESHOLDS)(
         resample)  # type: ignore[misc]
-    assert ev.trapezoid_area(refit_fpr, refit_tpr) >= 0.8125
+    assert metrics.trapezoid_area(refit_fpr, refit_tpr) >= 0.8125
     assert curve(np.array([0, 1])) is None
 
 
@@ -379,7 +381,7 @@ def test_report_decision_and_preset_thresholds_are_summarised() -> None:
     truth = np.array([p.max_grade >= 1 for p in patients])
     calls = np.array([bool(p.patient_fracture) for p in patients])
     cuts = {p.case: 0.55 for p in patients}
-    result = ev.evaluate_records(vertebrae, patients, n_bootstrap=0, patient_score_thresholds=cuts,
+    result = evaluation.evaluate_records(vertebrae, patients, n_bootstrap=0, patient_score_thresholds=cuts,
                                  patient_threshold_note="chosen elsewhere")
     rule = result["metrics"]["patient_fixed_rule"]
     assert rule["recall"] == pytest.approx((calls & truth).sum() / truth.sum())
@@ -390,18 +392,18 @@ def test_report_decision_and_preset_thresholds_are_summarised() -> None:
     assert chosen["true_positives"] == int(((scores >= 0.55) & truth).sum())
     assert chosen["note"] == "chosen elsewhere"
     assert result["metrics"]["patient_by_max_grade_calls"].startswith("report decision")
-    markdown = ev.metrics_markdown({**result["metrics"], "seed": 0})
+    markdown = evaluation.metrics_markdown({**result["metrics"], "seed": 0})
     assert "fixed before seeing these cases" in markdown and "chosen elsewhere" in markdown
     with pytest.raises(VfdetectError, match="no patient score or no threshold"):
-        ev.evaluate_records(vertebrae, patients, n_bootstrap=0, patient_score_thresholds={})
+        evaluation.evaluate_records(vertebrae, patients, n_bootstrap=0, patient_score_thresholds={})
 
 
 def test_youden_threshold_by_hand() -> None:
     truth = [True, True, False, False, True]
     # cut between 0.6 and 0.4: recall 2/3, specificity 1 (J 0.67); at 0.3: recall 1, specificity 0.5 (J 0.5)
-    assert ev.youden_threshold(truth, [0.9, 0.6, 0.4, 0.1, 0.3]) == pytest.approx(0.5)
-    assert ev.youden_threshold([True, False], [0.2, 0.8]) > 0.8  # nothing positive is best
-    assert ev.youden_threshold([True, False], [0.8, 0.2]) == pytest.approx(0.5)
+    assert metrics.youden_threshold(truth, [0.9, 0.6, 0.4, 0.1, 0.3]) == pytest.approx(0.5)
+    assert metrics.youden_threshold([True, False], [0.2, 0.8]) > 0.8  # nothing positive is best
+    assert metrics.youden_threshold([True, False], [0.8, 0.2]) == pytest.approx(0.5)
 
 
 def test_old_and_new_report_keys_load(tmp_path: Path) -> None:
@@ -423,12 +425,12 @@ def test_old_and_new_report_keys_load(tmp_path: Path) -> None:
 
 
 def test_min_grade_applies_to_vertebrae_and_patients() -> None:
-    vertebrae = [ev.VertebraRecord("a", 18, 1, 0.9), ev.VertebraRecord("a", 19, 0, 0.1),
-                 ev.VertebraRecord("b", 18, 2, 0.8), ev.VertebraRecord("b", 19, 0, 0.2),
-                 ev.VertebraRecord("c", 18, 0, 0.3)]
-    patients = [ev.PatientRecord(name, grade, (0.5,), (size,)) for name, grade, size in
+    vertebrae = [evaluation.VertebraRecord("a", 18, 1, 0.9), evaluation.VertebraRecord("a", 19, 0, 0.1),
+                 evaluation.VertebraRecord("b", 18, 2, 0.8), evaluation.VertebraRecord("b", 19, 0, 0.2),
+                 evaluation.VertebraRecord("c", 18, 0, 0.3)]
+    patients = [evaluation.PatientRecord(name, grade, (0.5,), (size,)) for name, grade, size in
                 (("a", 1, 100.0), ("b", 2, 200.0), ("c", 0, 0.0))]
-    strict = ev.evaluate_records(vertebrae, patients, n_bootstrap=0, min_grade=2)["metrics"]
+    strict = evaluation.evaluate_records(vertebrae, patients, n_bootstrap=0, min_grade=2)["metrics"]
     assert strict["vertebra_counts"]["fractured"] == 1 and strict["patient_counts"]["positive"] == 1
-    loose = ev.evaluate_records(vertebrae, patients, n_bootstrap=0, min_grade=1)["metrics"]
+    loose = evaluation.evaluate_records(vertebrae, patients, n_bootstrap=0, min_grade=1)["metrics"]
     assert loose["vertebra_counts"]["fractured"] == 2 and loose["patient_counts"]["positive"] == 2

@@ -107,15 +107,24 @@ def test_overlay_case_choice(evaluated: tuple[list[FakeCase], Path, Path]) -> No
     assert "case0" in correct and not set(correct) & set(wrong)
 
 
-def test_canonical_keeps_world_positions() -> None:
-    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    affine = np.array([[-2.0, 0, 0, 10], [0, 0, 1.5, -3], [0, -1, 0, 7], [0, 0, 0, 1]])
-    reoriented, new_affine = figures.canonical(data, affine)
-    assert np.all(np.diag(new_affine)[:3] > 0)
-    for index in np.ndindex(data.shape):
-        world = affine @ np.r_[index, 1]
-        new_index = np.rint(np.linalg.inv(new_affine) @ world)[:3].astype(int)
-        assert reoriented[tuple(new_index)] == data[index]
+def test_images_stored_in_any_orientation_land_on_one_internal_grid(tmp_path: Path) -> None:
+    """A scan stored LPS and the same scan stored RAS read back identical (internal frame, world kept)."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(-1000, 1000, size=(6, 7, 8)).astype(np.int16)
+    ras = np.diag([2.0, 1.5, 1.0, 1.0])
+    ras[:3, 3] = [10.0, -3.0, 7.0]
+    lps = ras @ np.array([[-1, 0, 0, 5], [0, -1, 0, 6], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
+    nib.save(nib.Nifti1Image(data, ras), tmp_path / "ras.nii.gz")
+    nib.save(nib.Nifti1Image(data[::-1, ::-1, :].copy(), lps), tmp_path / "lps.nii.gz")
+    first = figures.load_internal(tmp_path / "ras.nii.gz", "scan")
+    second = figures.load_internal(tmp_path / "lps.nii.gz", "scan")
+    np.testing.assert_allclose(first.affine, second.affine)
+    np.testing.assert_allclose(first.array, second.array)
+    assert np.all(np.diag(first.affine)[:3] > 0)
+    labels = figures.load_internal(tmp_path / "lps.nii.gz", "labels")
+    assert np.issubdtype(labels.array.dtype, np.integer)
+    with pytest.raises(InputError, match="probability map not found"):
+        figures.load_internal(tmp_path / "missing.nii.gz", "probability")
 
 
 def test_figure3_from_a_model_selection_folder(evaluated: tuple[list[FakeCase], Path, Path], tmp_path: Path) -> None:

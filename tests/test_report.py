@@ -1,4 +1,4 @@
-"""Case reports (JSON, CSV), the cohort summary and the overlay PNG."""
+"""The overlay PNG, and the report writers importable from vfdetect.report."""
 
 from __future__ import annotations
 
@@ -9,14 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from vfdetect.report import (
-    CSV_COLUMNS,
-    patient_score_of,
-    render_overlay,
-    write_report_csv,
-    write_report_json,
-    write_summary_csv,
-)
+from vfdetect.records import CSV_COLUMNS, patient_score_of
+from vfdetect.report import render_overlay, write_report_csv, write_report_json, write_summary_csv
 
 
 def _report(case: str, scores: list[float]) -> dict:  # type: ignore[type-arg]

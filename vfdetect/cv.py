@@ -1,4 +1,4 @@
-"""The paper's experiments end to end: stratified k-fold cross-validation and model selection.
+"""Stratified k-fold cross-validation end to end (the paper's main experiment).
 
 Cross-validation (paper section 4): folds are drawn at patient level, stratified on "has a
 fractured vertebra", with at least two negative patients in every fold (the paper's footnote 2);
@@ -21,15 +21,12 @@ Truth is the same everywhere: a vertebra is fractured when its Genant grade is a
 ``min_grade``, a patient positive when one of its vertebrae is (:func:`is_positive`, also the
 stratification of the folds).
 
-Model selection (paper section 3.2): the three variants (1slice, 5slices, 3d) trained on one seeded
-split (68/22 in the paper, i.e. about 24 % validation) with the same regime, compared on voxel
-accuracy and vertebra-level AUC on the validation cases; one validation case is recorded for the
-paper's Figure 3.
-
 The stages (label synthesis, training, prediction, evaluation) are injectable callables
-(:class:`Stages`), so the orchestration can be tested without TensorFlow.
+(:class:`vfdetect.stages.Stages`), so the orchestration can be tested without TensorFlow. Model
+selection (paper section 3.2) is :mod:`vfdetect.model_selection`; :func:`read_experiment` reads
+the experiment files of both.
 
-Output folder of :func:`run_cross_validation`::
+Output folder of :func:`run_cross_validation` (:class:`vfdetect.layout.CvFolder`)::
 
     splits.json  labels/  fold0/{run/, predictions/, predictions_validation/, evaluation/, fold.json}  ...
     evaluation/ (pooled)  [evaluation_centroid_noise/]  cv.json
@@ -38,7 +35,6 @@ Output folder of :func:`run_cross_validation`::
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,22 +44,26 @@ from typing import Any
 import numpy as np
 
 from vfdetect.errors import InputError, VfdetectError
-from vfdetect.fileio import write_json_atomic, write_text_atomic
-from vfdetect.jsonutil import format_value, json_safe
+from vfdetect.fileio import write_json_atomic
+from vfdetect.jsonutil import json_safe
+from vfdetect.layout import CvFolder, FoldFolder, PredictionFolder
+from vfdetect.metrics import decision_summary, youden_threshold
+from vfdetect.model_selection import ModelSelectionConfig
+from vfdetect.records import read_case_report
+from vfdetect.stages import (
+    Stages,
+    default_stages,
+    ensure_labels,
+    is_positive,
+    metrics_summary,
+    missing_predictions,
+    stratified_holdout,
+    train_and_predict,
+)
 
-SPLITS_NAME = "splits.json"
-FOLD_DONE_NAME = "fold.json"
 SPLITS_FORMAT = 1
-VARIANTS: tuple[str, ...] = ("1slice", "5slices", "3d")
-PAPER_MODEL_SELECTION_VALIDATION_FRACTION = 22 / 90
-"""The paper's model-selection split: 68 training and 22 validation cases of 90."""
 PATIENT_THRESHOLD_SOURCES: tuple[str, ...] = ("validation", "training", "model")
 """Where a fold's patient-level threshold comes from (see the module doc)."""
-
-
-def is_positive(case: Any, min_grade: int = 1) -> bool:
-    """A patient is positive when one of its vertebrae has Genant grade >= ``min_grade``."""
-    return any(int(grade) >= min_grade for grade in case.grades.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,29 +119,6 @@ class CvConfig:
         return {"n_folds": self.n_folds, "seed": self.seed, "min_grade": self.min_grade,
                 "min_negatives_per_fold": self.min_negatives_per_fold,
                 "validation_fraction": self.validation_fraction}
-
-
-def stratified_holdout(
-    positives: Sequence[str], negatives: Sequence[str], fraction: float, rng: np.random.Generator
-) -> tuple[list[str], list[str]]:
-    """Hold out ``round(fraction * n)`` names (at least one if ``fraction > 0`` and n >= 2).
-
-    The held-out names are shared between the classes in proportion (largest remainder), so the
-    validation set has negatives when the class is large enough. Returns ``(kept, held_out)`` in
-    the order of the inputs (positives first).
-    """
-    positives, negatives = list(positives), list(negatives)
-    total = len(positives) + len(negatives)
-    if fraction <= 0 or total < 2:
-        return positives + negatives, []
-    n_held = min(total - 1, max(1, round(fraction * total)))
-    n_negative = min(len(negatives), round(n_held * len(negatives) / total))
-    n_positive = min(len(positives), n_held - n_negative)
-    n_negative = n_held - n_positive
-    held = {positives[int(i)] for i in rng.permutation(len(positives))[:n_positive]}
-    held |= {negatives[int(i)] for i in rng.permutation(len(negatives))[:n_negative]}
-    ordered = positives + negatives
-    return [name for name in ordered if name not in held], [name for name in ordered if name in held]
 
 
 def make_folds(cases: Sequence[Any], config: CvConfig = CvConfig()) -> list[Fold]:
@@ -223,7 +200,7 @@ def read_splits(path: Path) -> tuple[dict[str, Any], list[Fold]]:
 def ensure_splits(cases: Sequence[Any], out_dir: Path, config: CvConfig = CvConfig()) -> list[Fold]:
     """Folds from ``out_dir/splits.json`` when it exists (checked against the cases and settings),
     else new seeded folds saved there."""
-    path = Path(out_dir) / SPLITS_NAME
+    path = CvFolder(Path(out_dir)).splits
     if path.is_file():
         saved, folds = read_splits(path)
         names = sorted(case.case for case in cases)
@@ -244,119 +221,6 @@ def ensure_splits(cases: Sequence[Any], out_dir: Path, config: CvConfig = CvConf
 
 # ----------------------------------------------------------------------------------------------
 # Stages
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Stages:
-    """The work a run delegates; replace any of them (tests use stand-ins).
-
-    * ``synthesize_labels(cases, labels_dir)`` writes a label image per case;
-    * ``train(train_cases, validation_cases, labels_dir, run_dir)`` trains (and resumes) a run;
-    * ``predict(run_dir, cases, pred_dir)`` writes ``pred_dir/<case>/report.json`` and maps;
-    * ``evaluate(cases, pred_dirs, out_dir, **options)`` writes the metrics and returns them.
-    """
-
-    synthesize_labels: Callable[[Sequence[Any], Path], Any]
-    train: Callable[[Sequence[Any], Sequence[Any], Path, Path], Any]
-    predict: Callable[[Path, Sequence[Any], Path], Any]
-    evaluate: Callable[..., Mapping[str, Any]]
-
-
-def _evaluate(cases: Sequence[Any], pred_dirs: Sequence[Path], out_dir: Path, **options: Any) -> Mapping[str, Any]:
-    from vfdetect.evaluate import evaluate_predictions
-
-    return evaluate_predictions(cases, list(pred_dirs), out_dir, **options)
-
-
-def training_finished(run_dir: Path) -> bool:
-    """True when ``run_dir`` holds a model and a report saying the run finished."""
-    run_dir = Path(run_dir)
-    try:
-        report = json.loads((run_dir / "report.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (run_dir / "model.keras").is_file() and report.get("status") == "finished"
-
-
-def default_stages(train_options: Mapping[str, Any] | None = None,
-                   predict_options: Mapping[str, Any] | None = None,
-                   quiet: bool = False) -> Stages:
-    """The real stages: :mod:`vfdetect.labels`, :mod:`vfdetect.train`, :mod:`vfdetect.predict`.
-
-    ``train_options`` are :class:`vfdetect.train.TrainConfig` fields (its ``min_grade`` also sets the
-    label images'), ``predict_options`` :class:`vfdetect.predict.PredictConfig` fields; TensorFlow is
-    imported only when a stage runs.
-    """
-    train_options = dict(train_options or {})
-    predict_options = dict(predict_options or {})
-
-    def synthesize(cases: Sequence[Any], labels_dir: Path) -> Any:
-        from vfdetect.labels import LabelConfig, synthesize_manifest_labels
-
-        # The label images, the training split and the evaluation share one min_grade.
-        label_config = LabelConfig(min_grade=int(train_options.get("min_grade", 1)))
-        return synthesize_manifest_labels(cases, labels_dir, label_config, quiet=quiet)
-
-    def train(train_cases: Sequence[Any], validation_cases: Sequence[Any], labels_dir: Path, run_dir: Path) -> Any:
-        if training_finished(run_dir):
-            return run_dir
-        from vfdetect.train import TrainConfig, run_training
-
-        config = TrainConfig.from_dict(train_options)
-        resume = (Path(run_dir) / "config.json").is_file() or (Path(run_dir) / "checkpoint").exists()
-        return run_training(train_cases, labels_dir, run_dir, config, resume=resume, quiet=quiet,
-                            validation_cases=validation_cases or None)
-
-    def predict(run_dir: Path, cases: Sequence[Any], pred_dir: Path) -> Any:
-        from vfdetect.predict import PredictConfig, predict_cases
-
-        failures: list[Any] = []
-        results = predict_cases(run_dir, cases, pred_dir, PredictConfig(**predict_options), quiet=quiet,
-                                failures=failures)
-        if failures:
-            details = "; ".join(str(failure) for failure in failures[:3])
-            raise VfdetectError(f"prediction failed for {len(failures)} case(s): {details}")
-        return results
-
-    return Stages(synthesize, train, predict, _evaluate)
-
-
-def ensure_labels(cases: Sequence[Any], labels_dir: Path, stages: Stages) -> None:
-    """Synthesise the label images of the cases that have none yet (once per output folder)."""
-    labels_dir = Path(labels_dir)
-    missing = [case for case in cases if not (labels_dir / f"{case.case}_labels.nii.gz").is_file()]
-    if missing:
-        stages.synthesize_labels(missing, labels_dir)
-    still_missing = [case.case for case in cases if not (labels_dir / f"{case.case}_labels.nii.gz").is_file()]
-    if still_missing:
-        raise VfdetectError(f"label synthesis wrote no label image for: {', '.join(still_missing[:5])}")
-
-
-def _missing_predictions(cases: Sequence[Any], pred_dir: Path) -> list[Any]:
-    return [case for case in cases if not (Path(pred_dir) / case.case / "report.json").is_file()]
-
-
-SUMMARY_KEYS: tuple[str, ...] = (
-    "vertebra_auc", "vertebra_auc_interval95", "vertebra_auc_sd", "vertebra_noise_free", "vertebra_centroid_noise",
-    "patient_auc", "patient_auc_interval95", "patient_auc_sd", "patient_auc_refitted_hull_mean", "patient_counts",
-    "vertebra_counts", "patient_fixed_rule", "patient_training_threshold", "patient_hull_best_point",
-)
-"""Metrics copied into fold.json and cv.json (headline values and intervals first)."""
-
-
-def _summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: json_safe(metrics.get(key)) for key in SUMMARY_KEYS if key in metrics}
-
-
-def _read_report(path: Path) -> dict[str, Any]:
-    try:
-        report = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise InputError(path, f"cannot read the prediction report ({error})") from None
-    if not isinstance(report, dict):
-        raise InputError(path, "not a prediction report")
-    return report
 
 
 def choose_patient_threshold(
@@ -364,26 +228,22 @@ def choose_patient_threshold(
 ) -> dict[str, Any]:
     """Threshold on the patient score chosen on ``cases`` (their reports in ``pred_dir``).
 
-    Youden's J on the reports' patient scores (:func:`vfdetect.evaluate.youden_threshold`) against
+    Youden's J on the reports' patient scores (:func:`vfdetect.metrics.youden_threshold`) against
     :func:`is_positive`. When the cases hold one class, the model's ``patient_threshold`` from
     their reports is used instead (``fallback`` says why); ``threshold`` is None when neither
     exists. Returns ``{"threshold", "cases", "positives", "negatives", "fallback"}``.
     """
-    from vfdetect.evaluate import youden_threshold
-    from vfdetect.report import patient_score_of, patient_threshold_of
-
     truth, scores, model_thresholds = [], [], set()
+    folder = PredictionFolder(Path(pred_dir))
     for case in cases:
-        path = Path(pred_dir) / case.case / "report.json"
-        report = _read_report(path)
-        score = patient_score_of(report)
-        if score is None:
+        path = folder.case(case.case).report
+        report = read_case_report(path)
+        if report.patient_score is None:
             raise InputError(path, "no patient score (patient_score) in the report")
         truth.append(is_positive(case, min_grade))
-        scores.append(score)
-        model_threshold = patient_threshold_of(report)
-        if model_threshold is not None:
-            model_thresholds.add(model_threshold)
+        scores.append(report.patient_score)
+        if report.patient_threshold is not None:
+            model_thresholds.add(report.patient_threshold)
     record: dict[str, Any] = {"cases": len(truth), "positives": sum(truth), "negatives": len(truth) - sum(truth),
                               "fallback": None}
     if any(truth) and not all(truth):
@@ -398,12 +258,10 @@ def choose_patient_threshold(
 
 def _test_decisions(cases: Sequence[Any], pred_dir: Path, threshold: float, min_grade: int) -> dict[str, Any]:
     """Recall and specificity of ``patient_score >= threshold`` on ``cases``."""
-    from vfdetect.evaluate import decision_summary
-    from vfdetect.report import patient_score_of
-
     truth, calls = [], []
+    folder = PredictionFolder(Path(pred_dir))
     for case in cases:
-        score = patient_score_of(_read_report(Path(pred_dir) / case.case / "report.json"))
+        score = read_case_report(folder.case(case.case).report).patient_score
         truth.append(is_positive(case, min_grade))
         calls.append(score is not None and score >= threshold)
     return json_safe(decision_summary(np.array(truth, dtype=bool), np.array(calls, dtype=bool)))
@@ -426,23 +284,22 @@ def fold_patient_threshold(fold: Fold, by_name: Mapping[str, Any], fold_dir: Pat
     had), ``source``, ``note`` and ``test`` (the test-fold decisions).
     """
     source = config.patient_threshold_from
-    test_dir = Path(fold_dir) / "predictions"
+    folder = FoldFolder(Path(fold_dir))
+    test_dir = folder.predictions.path
     test_cases = [by_name[name] for name in fold.test]
     if source == "model":
-        from vfdetect.report import patient_threshold_of
-
-        found = {patient_threshold_of(_read_report(test_dir / c.case / "report.json")) for c in test_cases}
+        found = {read_case_report(folder.predictions.case(c.case).report).patient_threshold for c in test_cases}
         record: dict[str, Any] = {"threshold": found.pop() if len(found) == 1 else None, "fallback": None,
                                   "cases": 0}
         note = "the model's patient_threshold, fixed before seeing the test cases"
     else:
         names = fold.validation if source == "validation" else fold.train + fold.validation
         chosen_cases = [by_name[name] for name in names]
-        pred_dir = Path(fold_dir) / f"predictions_{source}"
-        missing = _missing_predictions(chosen_cases, pred_dir)
+        pred_dir = folder.predictions_for(source).path
+        missing = missing_predictions(chosen_cases, pred_dir)
         if missing:
             say(f"fold {fold.index}: predicting {len(missing)} {source} case(s) to choose the patient threshold")
-            stages.predict(Path(fold_dir) / "run", missing, pred_dir)
+            stages.predict(folder.run.path, missing, pred_dir)
         record = choose_patient_threshold(chosen_cases, pred_dir, config.min_grade) if chosen_cases else {
             "threshold": None, "cases": 0, "fallback": "no case to choose on"}
         note = f"chosen per fold on its {source} cases (Youden's J of patient_score)"
@@ -479,31 +336,27 @@ def run_cross_validation(
     say = progress or (lambda message: None)
     by_name = {case.case: case for case in cases}
     folds = ensure_splits(cases, out_dir, config)
-    labels_dir = out_dir / "labels"
+    experiment = CvFolder(out_dir)
+    labels_dir = experiment.labels.path
     say(f"label images -> {labels_dir}")
     ensure_labels(cases, labels_dir, stages)
     result = CvResult(folds, {}, None)
     evaluation_options: dict[str, Any] = {"min_grade": config.min_grade, "n_bootstrap": config.n_bootstrap,
                                           "seed": config.seed}
     for fold in folds:
-        fold_dir = out_dir / f"fold{fold.index}"
-        done = fold_dir / FOLD_DONE_NAME
+        fold_folder = experiment.fold(fold.index)
+        fold_dir, done = fold_folder.path, fold_folder.done
         if done.is_file():
             say(f"fold {fold.index}: finished earlier, reused")
             result.reused_folds.append(fold.index)
             continue
         started = time.perf_counter()
-        run_dir, pred_dir = fold_dir / "run", fold_dir / "predictions"
+        run_dir, pred_dir = fold_folder.run.path, fold_folder.predictions.path
         train_cases = [by_name[name] for name in fold.train]
         validation_cases = [by_name[name] for name in fold.validation]
         test_cases = [by_name[name] for name in fold.test]
-        say(f"fold {fold.index}: training on {len(train_cases)} cases ({len(validation_cases)} validation)")
-        stages.train(train_cases, validation_cases, labels_dir, run_dir)
-        missing = _missing_predictions(test_cases, pred_dir)
-        if missing:
-            say(f"fold {fold.index}: predicting {len(missing)} test case(s)")
-            stages.predict(run_dir, missing, pred_dir)
-        still_missing = _missing_predictions(test_cases, pred_dir)
+        train_and_predict(stages, train_cases, validation_cases, labels_dir, run_dir, test_cases, pred_dir, "test", say)
+        still_missing = missing_predictions(test_cases, pred_dir)
         if still_missing:
             raise VfdetectError(f"fold {fold.index}: no prediction report for {', '.join(c.case for c in still_missing)}")
         threshold = fold_patient_threshold(fold, by_name, fold_dir, stages, config, say)
@@ -511,18 +364,19 @@ def run_cross_validation(
         if threshold.get("threshold") is not None:
             fold_options.update(patient_score_thresholds={name: threshold["threshold"] for name in fold.test},
                                 patient_threshold_note=threshold["note"])
-        metrics = stages.evaluate(test_cases, [pred_dir], fold_dir / "evaluation", **fold_options)
+        metrics = stages.evaluate(test_cases, [pred_dir], fold_folder.evaluation.path, **fold_options)
         seconds = time.perf_counter() - started
         result.fold_seconds[fold.index] = seconds
         write_json_atomic(done, {"fold": fold.index, "test": list(fold.test), "seconds": round(seconds, 1),
-                                 "patient_threshold": threshold, "metrics": _summary(metrics)})
+                                 "patient_threshold": threshold, "metrics": metrics_summary(metrics)})
     fold_records = []
     thresholds: dict[str, float] = {}
     notes = set()
     for fold in folds:
-        fold_dir = out_dir / f"fold{fold.index}"
+        fold_folder = experiment.fold(fold.index)
+        fold_dir = fold_folder.path
         try:
-            record = json.loads((fold_dir / FOLD_DONE_NAME).read_text())
+            record = json.loads(fold_folder.done.read_text())
         except (OSError, ValueError):
             record = {"fold": fold.index}
         if "patient_threshold" not in record:  # a fold finished before thresholds were chosen
@@ -533,248 +387,23 @@ def run_cross_validation(
             notes.add(record["patient_threshold"]["note"])
     say("pooling the out-of-fold predictions")
     test_cases = [by_name[name] for fold in folds for name in fold.test]
-    pred_dirs = [out_dir / f"fold{fold.index}" / "predictions" for fold in folds]
+    pred_dirs = [experiment.fold(fold.index).predictions.path for fold in folds]
     if len(thresholds) == len(test_cases):
         evaluation_options.update(patient_score_thresholds=thresholds, patient_threshold_note="; ".join(sorted(notes)))
-    result.pooled_metrics = stages.evaluate(test_cases, pred_dirs, out_dir / "evaluation", **evaluation_options)
+    result.pooled_metrics = stages.evaluate(test_cases, pred_dirs, experiment.evaluation.path, **evaluation_options)
     if config.centroid_noise_mm > 0:
-        result.noisy_metrics = stages.evaluate(test_cases, pred_dirs, out_dir / "evaluation_centroid_noise",
+        result.noisy_metrics = stages.evaluate(test_cases, pred_dirs, experiment.evaluation_centroid_noise.path,
                                                centroid_noise_mm=config.centroid_noise_mm,
                                                noise_draws=config.noise_draws, **evaluation_options)
-    write_json_atomic(out_dir / "cv.json", {
+    write_json_atomic(experiment.summary, {
         "experiment": "cross_validation",
         "settings": asdict(config),
         "provenance": dict(provenance or {}),
         "folds": fold_records,
-        "pooled": _summary(result.pooled_metrics),
-        "pooled_centroid_noise": _summary(result.noisy_metrics) if result.noisy_metrics is not None else None,
+        "pooled": metrics_summary(result.pooled_metrics),
+        "pooled_centroid_noise": metrics_summary(result.noisy_metrics) if result.noisy_metrics is not None else None,
     })
     return result
-
-
-# ----------------------------------------------------------------------------------------------
-# Model selection
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSelectionConfig:
-    """Settings of the model-selection experiment (paper section 3.2)."""
-
-    variants: tuple[str, ...] = VARIANTS
-    validation_fraction: float = PAPER_MODEL_SELECTION_VALIDATION_FRACTION
-    seed: int = 0
-    min_grade: int = 1
-    n_bootstrap: int = 1000
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "variants", tuple(self.variants))
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown or not self.variants:
-            raise VfdetectError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-        if not 0.0 < self.validation_fraction < 1.0:
-            raise VfdetectError("the model-selection validation fraction must lie in (0, 1)")
-
-
-def voxel_agreement(predicted: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Voxel accuracy of hard labels 0/1/2: overall, per reference class, and inside the vertebrae.
-
-    ``vertebra_accuracy`` counts only reference voxels labelled 1 or 2 (the overall figure is
-    dominated by background); ``mean_class_recall`` averages the three per-class recalls.
-    """
-    predicted = np.asarray(predicted).reshape(-1)
-    reference = np.asarray(reference).reshape(-1)
-    if predicted.shape != reference.shape:
-        raise VfdetectError(f"label images differ in size: {predicted.size} vs {reference.size} voxels")
-    result: dict[str, float] = {"accuracy": float(np.mean(predicted == reference)) if reference.size else math.nan}
-    recalls = []
-    for value, key in ((0, "background"), (1, "normal"), (2, "fracture")):
-        members = reference == value
-        recall = float(np.mean(predicted[members] == value)) if members.any() else math.nan
-        result[f"{key}_recall"] = recall
-        if not math.isnan(recall):
-            recalls.append(recall)
-    vertebra = reference > 0
-    result["vertebra_accuracy"] = float(np.mean(predicted[vertebra] == reference[vertebra])) if vertebra.any() else math.nan
-    result["mean_class_recall"] = float(np.mean(recalls)) if recalls else math.nan
-    result["voxels"] = float(reference.size)
-    return result
-
-
-def validation_voxel_agreement(cases: Sequence[Any], pred_dir: Path, labels_dir: Path) -> dict[str, float]:
-    """:func:`voxel_agreement` over all validation cases together (predicted ``labels.nii.gz`` vs label images)."""
-    import nibabel as nib
-
-    predicted_parts, reference_parts = [], []
-    for case in cases:
-        predicted_path = Path(pred_dir) / case.case / "labels.nii.gz"
-        reference_path = Path(labels_dir) / f"{case.case}_labels.nii.gz"
-        for path in (predicted_path, reference_path):
-            if not path.is_file():
-                raise InputError(path, "label image not found")
-        predicted_image: Any = nib.load(str(predicted_path))
-        reference_image: Any = nib.load(str(reference_path))
-        predicted = np.asarray(predicted_image.dataobj).astype(np.uint8)
-        reference = np.asarray(reference_image.dataobj).astype(np.uint8)
-        if predicted.shape != reference.shape:
-            raise InputError(predicted_path, f"grid {predicted.shape} differs from the label image's {reference.shape}")
-        predicted_parts.append(predicted.reshape(-1))
-        reference_parts.append(reference.reshape(-1))
-    if not predicted_parts:
-        raise VfdetectError("no validation case to measure voxel accuracy on")
-    return voxel_agreement(np.concatenate(predicted_parts), np.concatenate(reference_parts))
-
-
-def training_log_summary(run_dir: Path) -> dict[str, Any]:
-    """Best validation accuracy and parameter count from a run folder (what exists of them)."""
-    summary: dict[str, Any] = {}
-    run_dir = Path(run_dir)
-    try:
-        description = json.loads((run_dir / "config.json").read_text())
-        summary["trainable_parameters"] = description.get("trainable_parameters")
-    except (OSError, ValueError):
-        pass
-    log = run_dir / "log.csv"
-    if log.is_file():
-        import csv
-
-        with open(log, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        columns = [c for c in (rows[0].keys() if rows else []) if "val" in c and "acc" in c]
-        if columns:
-            values = [float(row[columns[0]]) for row in rows if row.get(columns[0]) not in ("", None)]
-            finite = [v for v in values if math.isfinite(v)]
-            if finite:
-                summary["best_validation_segment_accuracy"] = max(finite)
-                summary["validation_accuracy_column"] = columns[0]
-        summary["epochs_logged"] = len(rows)
-    return summary
-
-
-def figure3_case(cases: Sequence[Any], min_grade: int = 1) -> str:
-    """The validation case shown in Figure 3: the one with the most fractured vertebrae (then by name)."""
-    if not cases:
-        raise VfdetectError("no validation case")
-    return sorted(cases, key=lambda c: (-sum(int(g) >= min_grade for g in c.grades.values()), c.case))[0].case
-
-
-def run_model_selection(
-    cases: Sequence[Any],
-    out_dir: Path,
-    config: ModelSelectionConfig = ModelSelectionConfig(),
-    stages_for_variant: Callable[[str], Stages] | None = None,
-    *,
-    provenance: Mapping[str, Any] | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Train each variant on one seeded split and compare them on the validation cases.
-
-    Writes ``split.json``, ``labels/``, ``<variant>/{run,predictions,evaluation}/``,
-    ``<variant>/variant.json`` (finished marker: a finished variant is reused),
-    ``model_selection.json`` (comparison and the Figure 3 case) and ``model_selection.md``.
-    """
-    stages_for_variant = stages_for_variant or (
-        lambda variant: default_stages({"variant": variant, "min_grade": config.min_grade})
-    )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    say = progress or (lambda message: None)
-    by_name = {case.case: case for case in cases}
-    split_path = out_dir / "split.json"
-    settings = {"validation_fraction": config.validation_fraction, "seed": config.seed, "min_grade": config.min_grade}
-    if split_path.is_file():
-        saved = json.loads(split_path.read_text())
-        if saved.get("settings") != settings or sorted(saved["train"] + saved["validation"]) != sorted(by_name):
-            raise InputError(split_path, "was made for other cases or settings; use another --out folder or delete it")
-        train_names, validation_names = saved["train"], saved["validation"]
-    else:
-        positives = sorted(c.case for c in cases if is_positive(c, config.min_grade))
-        negatives = sorted(c.case for c in cases if not is_positive(c, config.min_grade))
-        train_names, validation_names = stratified_holdout(positives, negatives, config.validation_fraction,
-                                                           np.random.default_rng([config.seed, 0x35]))
-        if not validation_names:
-            raise VfdetectError("model selection needs at least 2 cases")
-        write_json_atomic(split_path, {"settings": settings, "train": sorted(train_names),
-                                       "validation": sorted(validation_names)})
-    train_cases = [by_name[n] for n in sorted(train_names)]
-    validation_cases = [by_name[n] for n in sorted(validation_names)]
-    labels_dir = out_dir / "labels"
-    ensure_labels(cases, labels_dir, stages_for_variant(config.variants[0]))
-    rows: list[dict[str, Any]] = []
-    for variant in config.variants:
-        stages = stages_for_variant(variant)
-        variant_dir = out_dir / variant
-        done = variant_dir / "variant.json"
-        if done.is_file():
-            say(f"{variant}: finished earlier, reused")
-            rows.append(json.loads(done.read_text()))
-            continue
-        started = time.perf_counter()
-        run_dir, pred_dir = variant_dir / "run", variant_dir / "predictions"
-        say(f"{variant}: training on {len(train_cases)} cases")
-        # The validation cases steer the learning-rate schedule, as in the paper's regime.
-        stages.train(train_cases, validation_cases, labels_dir, run_dir)
-        missing = _missing_predictions(validation_cases, pred_dir)
-        if missing:
-            say(f"{variant}: predicting {len(missing)} validation case(s)")
-            stages.predict(run_dir, missing, pred_dir)
-        metrics = stages.evaluate(validation_cases, [pred_dir], variant_dir / "evaluation",
-                                  min_grade=config.min_grade, n_bootstrap=config.n_bootstrap, seed=config.seed)
-        row = {
-            "variant": variant,
-            "seconds": round(time.perf_counter() - started, 1),
-            "voxels": json_safe(validation_voxel_agreement(validation_cases, pred_dir, labels_dir)),
-            **training_log_summary(run_dir),
-            **_summary(metrics),
-        }
-        write_json_atomic(done, row)
-        rows.append(row)
-    document = {
-        "experiment": "model_selection",
-        "settings": asdict(config),
-        "provenance": dict(provenance or {}),
-        "train": sorted(train_names),
-        "validation": sorted(validation_names),
-        "figure3_case": figure3_case(validation_cases, config.min_grade),
-        "figure3_image": str(by_name[figure3_case(validation_cases, config.min_grade)].image),
-        "variants": rows,
-    }
-    write_json_atomic(out_dir / "model_selection.json", document)
-    write_text_atomic(out_dir / "model_selection.md", model_selection_markdown(document))
-    return document
-
-
-def _interval(values: Any) -> str:
-    low, high = values if isinstance(values, list | tuple) and len(values) == 2 else (None, None)
-    return f"{format_value(low)} - {format_value(high)}"
-
-
-def model_selection_markdown(document: Mapping[str, Any]) -> str:
-    """Readable comparison table of :func:`run_model_selection`."""
-
-    fmt = format_value
-
-    lines = [
-        "# Model selection (paper section 3.2, Table 1)",
-        "",
-        f"Training cases: {len(document['train'])}; validation cases: {len(document['validation'])}. "
-        f"Figure 3 case: {document['figure3_case']}.",
-        "",
-        "| variant | trainable parameters | validation voxel accuracy | accuracy inside vertebrae | "
-        "mean class recall | best validation segment accuracy | vertebra AUC (95 % interval) | patient AUC (95 % "
-        "interval) | time (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in document["variants"]:
-        voxels = row.get("voxels", {})
-        lines.append(
-            f"| {row['variant']} | {fmt(row.get('trainable_parameters'))} | {fmt(voxels.get('accuracy'))} | "
-            f"{fmt(voxels.get('vertebra_accuracy'))} | {fmt(voxels.get('mean_class_recall'))} | "
-            f"{fmt(row.get('best_validation_segment_accuracy'))} | {fmt(row.get('vertebra_auc'))} "
-            f"({_interval(row.get('vertebra_auc_interval95'))}) | {fmt(row.get('patient_auc'))} "
-            f"({_interval(row.get('patient_auc_interval95'))}) | {fmt(row.get('seconds'))} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ import numpy as np
 from vfdetect.errors import InputError, VfdetectError
 from vfdetect.fileio import atomic_path
 from vfdetect.jsonutil import format_value
+from vfdetect.layout import CaseFolder, CvFolder, EvaluationFolder, ModelSelectionFolder, figures_dir
+from vfdetect.records import read_case_report
 
 GRADE_NAMES = {1: "mild", 2: "moderate", 3: "severe"}
 GRADE_COLOURS = {1: "#f2c14e", 2: "#f08a24", 3: "#c0392b"}
@@ -64,44 +66,29 @@ def _new_figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorder the first three axes of ``array`` to RAS (flips and permutations only) and fix the affine."""
-    import nibabel.orientations as orientations
+def load_internal(path: Path, kind: str = "scan") -> Any:
+    """An image in the internal frame (canonical RAS, axis-aligned, 1 mm), as a :class:`vfdetect.volume.Volume`.
 
-    affine = np.asarray(affine, dtype=np.float64)
-    current = orientations.io_orientation(affine)
-    transform = orientations.ornt_transform(current, orientations.axcodes2ornt(("R", "A", "S")))
-    reoriented = orientations.apply_orientation(array, transform)
-    new_affine = affine @ orientations.inv_ornt_aff(transform, array.shape[:3])
-    return reoriented, new_affine
+    ``kind`` is ``"scan"`` (a CT, trilinear), ``"labels"`` (a label image, nearest neighbour) or
+    ``"probability"`` (channel 0, p(fracture), of a saved probability map; trilinear, 0 outside).
+    Images saved on one grid (a scan, its maps and its label images) land on one internal grid.
+    """
+    from vfdetect.evaluate import read_probability_map
+    from vfdetect.volume import load_label_image, load_scan, to_internal
 
-
-def _load_canonical(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-
-    try:
-        image: Any = nib.load(str(path))
-        if channel is not None and len(image.shape) == 4:
-            data = np.asarray(image.dataobj[..., channel], dtype=np.float32)
-        else:
-            data = np.asarray(image.dataobj, dtype=np.float32)
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
-    except Exception as error:  # nibabel raises many kinds
-        raise InputError(path, f"cannot read the image ({error})") from None
-    if data.ndim != 3:
-        raise InputError(path, f"expected a 3D image (or a 4D map), got shape {data.shape}")
-    return canonical(data, image.affine)
+    if kind == "scan":
+        return to_internal(load_scan(path)[0], order=1)
+    if kind == "labels":
+        return to_internal(load_label_image(path)[0], order=0)
+    if kind == "probability":
+        return to_internal(read_probability_map(path, channel=0), order=1, fill_value=0.0)
+    raise VfdetectError(f"unknown image kind {kind!r}")
 
 
 def _voxels(affine: np.ndarray, points_mm: np.ndarray) -> np.ndarray:
-    points = np.atleast_2d(np.asarray(points_mm, dtype=np.float64))
-    homogeneous = np.c_[points, np.ones(len(points))]
-    return (np.linalg.inv(affine) @ homogeneous.T).T[:, :3]
+    from vfdetect.volume import world_to_voxel
 
-
-def _spacing(affine: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.sum(np.asarray(affine)[:3, :3] ** 2, axis=0))
+    return world_to_voxel(affine, np.atleast_2d(np.asarray(points_mm, dtype=np.float64)))
 
 
 def _sagittal(volume: np.ndarray, x_index: int) -> np.ndarray:
@@ -218,11 +205,12 @@ def figure_roc(evaluation_dir: Path, level: str, out_stem: Path, title: str | No
     if level not in ("patient", "vertebra"):
         raise VfdetectError(f"level must be 'patient' or 'vertebra', got {level!r}")
     evaluation_dir = Path(evaluation_dir)
-    metrics = _read_json(evaluation_dir / "metrics.json")
+    folder = EvaluationFolder(evaluation_dir)
+    metrics = _read_json(folder.metrics)
     try:
-        arrays = dict(np.load(evaluation_dir / "roc.npz"))
+        arrays = dict(np.load(folder.roc_arrays))
     except (OSError, ValueError) as error:
-        raise InputError(evaluation_dir / "roc.npz", f"cannot read ({error})") from None
+        raise InputError(folder.roc_arrays, f"cannot read ({error})") from None
     noise = metrics.get("vertebra_centroid_noise") if level == "vertebra" else None
     if level == "patient":
         curve_key = ("patient_hull_fpr", "patient_hull_tpr")
@@ -287,7 +275,7 @@ def figure_roc(evaluation_dir: Path, level: str, out_stem: Path, title: str | No
 
 def _case_rows(evaluation_dir: Path) -> dict[str, list[dict[str, str]]]:
     by_case: dict[str, list[dict[str, str]]] = {}
-    for row in _read_csv(Path(evaluation_dir) / "vertebrae.csv"):
+    for row in _read_csv(EvaluationFolder(Path(evaluation_dir)).vertebrae_csv):
         by_case.setdefault(row["case"], []).append(row)
     return by_case
 
@@ -311,15 +299,16 @@ def _draw_case_panel(axis: Any, image_path: Path, probability_path: Path, rows: 
     """Mid-sagittal CT section with p(fracture) >= 0.05 over it and each vertebra marked."""
     from matplotlib import colormaps
 
-    ct, ct_affine = _load_canonical(image_path)
-    probability, probability_affine = _load_canonical(probability_path, channel=0)
+    scan = load_internal(image_path, "scan")
+    probability_map = load_internal(probability_path, "probability")
+    ct, ct_affine, probability = scan.array, scan.affine, probability_map.array
     if ct.shape != probability.shape:
         raise InputError(probability_path, f"grid {probability.shape} differs from the scan's {ct.shape}")
     centroids = np.array([[float(row["x_mm"]), float(row["y_mm"]), float(row["z_mm"])] for row in rows
                           if row.get("x_mm") not in (None, "")])
     voxels = _voxels(ct_affine, centroids) if len(centroids) else np.empty((0, 3))
     x_index = int(round(float(np.median(voxels[:, 0])))) if len(voxels) else ct.shape[0] // 2
-    spacing = _spacing(ct_affine)
+    spacing = scan.spacing
     extent = (0, ct.shape[1] * spacing[1], 0, ct.shape[2] * spacing[2])
     axis.imshow(_sagittal(ct, x_index), cmap="gray", vmin=BONE_WINDOW_HU[0], vmax=BONE_WINDOW_HU[1],
                 origin="lower", extent=extent, interpolation="bilinear")
@@ -347,7 +336,7 @@ def _draw_case_panel(axis: Any, image_path: Path, probability_path: Path, rows: 
 def figure_overlays(evaluation_dir: Path, cases: Sequence[str], out_stem: Path, title: str) -> list[Path]:
     """One mid-sagittal panel per case (paper Figs. 6 and 7)."""
     evaluation_dir = Path(evaluation_dir)
-    metrics = _read_json(evaluation_dir / "metrics.json")
+    metrics = _read_json(EvaluationFolder(evaluation_dir).metrics)
     by_case = _case_rows(evaluation_dir)
     images = metrics.get("case_images", {})
     case_dirs = metrics.get("case_dirs", {})
@@ -362,7 +351,7 @@ def figure_overlays(evaluation_dir: Path, cases: Sequence[str], out_stem: Path, 
         rows = by_case[case]
         counts = {o: sum(r["outcome"] == o for r in rows) for o in ("TP", "FP", "FN")}
         panel_title = f"{case}\nTP {counts['TP']}  FP {counts['FP']}  FN {counts['FN']}"
-        shown = _draw_case_panel(axis, Path(images[case]), Path(case_dirs[case]) / "probabilities.nii.gz", rows,
+        shown = _draw_case_panel(axis, Path(images[case]), CaseFolder(Path(case_dirs[case])).probabilities, rows,
                                  panel_title)
     if shown is not None:
         figure.colorbar(shown, ax=list(axes), shrink=0.6, label="p(fracture) (< 0.05 hidden)")
@@ -386,27 +375,29 @@ def _label_rgba(labels: np.ndarray) -> np.ndarray:
 def figure3_variants(selection_dir: Path, out_stem: Path) -> list[Path]:
     """Each variant's hard labels on the Figure 3 case (mid-sagittal row and coronal row)."""
     selection_dir = Path(selection_dir)
-    document = _read_json(selection_dir / "model_selection.json")
+    selection = ModelSelectionFolder(selection_dir)
+    document = _read_json(selection.summary)
     case = document["figure3_case"]
     image_path = document.get("figure3_image")
     if not image_path:
         raise VfdetectError(f"{selection_dir}: model_selection.json does not name the Figure 3 image")
-    ct, affine = _load_canonical(Path(image_path))
+    scan = load_internal(Path(image_path), "scan")
+    ct, affine = scan.array, scan.affine
     panels: list[tuple[str, np.ndarray]] = []
-    reference = selection_dir / "labels" / f"{case}_labels.nii.gz"
+    reference = selection.labels.image(case)
     if reference.is_file():
-        panels.append(("reference label image", _load_canonical(reference)[0]))
+        panels.append(("reference label image", load_internal(reference, "labels").array))
     centroids = []
     for row in document["variants"]:
         variant = row["variant"]
-        prediction = selection_dir / variant / "predictions" / case
-        panels.append((variant, _load_canonical(prediction / "labels.nii.gz")[0]))
-        report = _read_json(prediction / "report.json")
-        centroids += [v["centroid_mm"] for v in report.get("vertebrae", []) if v.get("centroid_mm")]
+        prediction = selection.variant(variant).predictions.case(case)
+        panels.append((variant, load_internal(prediction.labels, "labels").array))
+        report = read_case_report(prediction.report)
+        centroids += [list(v.centroid_mm) for v in report.vertebrae if v.centroid_mm is not None]
     voxels = _voxels(affine, np.array(centroids)) if centroids else np.empty((0, 3))
     x_index = int(round(float(np.median(voxels[:, 0])))) if len(voxels) else ct.shape[0] // 2
     y_index = int(round(float(np.median(voxels[:, 1])))) if len(voxels) else ct.shape[1] // 2
-    spacing = _spacing(affine)
+    spacing = scan.spacing
     figure = _new_figure(2.6 * len(panels), 7.0)
     axes = figure.subplots(2, len(panels), squeeze=False)
     for column, (name, labels) in enumerate(panels):
@@ -447,21 +438,22 @@ def draw_figures(directory: Path, out_dir: Path | None = None, manifest_cases: S
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(directory, "folder not found")
-    out_dir = Path(out_dir) if out_dir is not None else directory / "figures"
+    out_dir = Path(out_dir) if out_dir is not None else figures_dir(directory)
     written: list[Path] = []
     evaluation: Path | None = None
     noisy_evaluation: Path | None = None
-    if (directory / "metrics.json").is_file():
+    experiment = CvFolder(directory)
+    if EvaluationFolder(directory).metrics.is_file():
         evaluation = directory
-    elif (directory / "evaluation" / "metrics.json").is_file():
-        evaluation = directory / "evaluation"
-    if (directory / "evaluation_centroid_noise" / "metrics.json").is_file():
-        noisy_evaluation = directory / "evaluation_centroid_noise"
-    selection = (directory / "model_selection.json").is_file()
+    elif experiment.evaluation.metrics.is_file():
+        evaluation = experiment.evaluation.path
+    if experiment.evaluation_centroid_noise.metrics.is_file():
+        noisy_evaluation = experiment.evaluation_centroid_noise.path
+    selection = ModelSelectionFolder(directory).summary.is_file()
     if evaluation is None and noisy_evaluation is None and not selection and manifest_cases is None:
         raise InputError(directory, "holds no metrics.json, cv.json or model_selection.json to draw from")
     if evaluation is not None:
-        written += figure1_fractures_per_level(grades_from_vertebrae_csv(evaluation / "vertebrae.csv"),
+        written += figure1_fractures_per_level(grades_from_vertebrae_csv(EvaluationFolder(evaluation).vertebrae_csv),
                                                out_dir / "figure1_fractures_per_level",
                                                "Evaluated cases: fractures per Genant grade along the spine")
         try:

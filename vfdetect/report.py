@@ -1,152 +1,28 @@
-"""Per-case and cohort reports: report.json, report.csv, summary.csv and the overlay PNG.
+"""The overlay PNG of a case: curved sagittal and coronal views with p(fracture) over the CT.
 
-No TensorFlow here. The JSON layout (one file per case)::
-
-    {"case": ..., "patient_score": s, "patient_threshold": t, "patient_rule": "...",
-     "patient_fracture": bool (s >= t),
-     "thresholds": {"probability": .., "noise_mm3": .., "vertebra": .., "cube_edge_mm": .., "sigma_mm": ..},
-     "vertebrae": [{"label": L, "name": "L1", "centroid_voxel": [...], "centroid_mm": [...],
-                    "fracture_probability": p, "normal_probability": p_n, "predicted": "fracture"|"normal",
-                    "source": "given"|"localised", "grade": g or null}],
-     "component_sizes": {"probability_thresholds": [...], "largest_component_mm3": [...]},
-     "model": {...}, "timings": {...}, "input": ..., "version": ...}
-
-``patient_score`` is the highest vertebra fracture score (not a calibrated probability); reports
-written before it existed carry the same number as ``patient_fracture_probability`` (and a text
-description under ``patient_score``); :func:`patient_score_of` reads either. ``component_sizes``
-feed the paper's component-based patient-level ROC. ``centroid_voxel`` is in the input scan's own
-voxel grid, ``centroid_mm`` in world RAS mm.
+No TensorFlow here. The case report itself (report.json, report.csv, summary.csv) is read and
+written by :mod:`vfdetect.records`; the writers are importable from here as well.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vfdetect.fileio import atomic_path, write_json_atomic, write_text_atomic
-from vfdetect.jsonutil import format_value, json_safe
+from vfdetect.fileio import atomic_path
+from vfdetect.records import write_case_report as write_report_json
+from vfdetect.records import write_report_csv, write_summary_csv
 
-CSV_COLUMNS: tuple[str, ...] = (
-    "case",
-    "label",
-    "name",
-    "fracture_probability",
-    "normal_probability",
-    "predicted",
-    "source",
-    "grade",
-    "centroid_x_mm",
-    "centroid_y_mm",
-    "centroid_z_mm",
-    "centroid_i",
-    "centroid_j",
-    "centroid_k",
-    "patient_score",
-    "patient_threshold",
-    "patient_rule",
-    "patient_fracture",
-)
-"""Columns of report.csv and summary.csv: one row per vertebra."""
+__all__ = ["render_overlay", "write_report_json", "write_report_csv", "write_summary_csv"]
 
 FRACTURE_DISPLAY_MIN = 0.05
 """Fracture probabilities below this are not drawn on the overlay (as in the paper's Fig. 6)."""
 
 BONE_WINDOW_HU = (-400.0, 1100.0)
-
-
-def patient_score_of(report: Mapping[str, Any]) -> float | None:
-    """The case's patient score: ``patient_score`` when it is a number, else the older key
-    ``patient_fracture_probability`` (same quantity); None when neither is given."""
-    for key in ("patient_score", "patient_fracture_probability"):
-        value = report.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    return None
-
-
-def patient_threshold_of(report: Mapping[str, Any]) -> float | None:
-    """The threshold on the patient score behind ``patient_fracture`` (None in older reports)."""
-    value = report.get("patient_threshold")
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return None
-
-
-def patient_rule_of(report: Mapping[str, Any]) -> str | None:
-    """The stated rule behind ``patient_fracture``.
-
-    ``patient_rule`` when the report has it; for older reports, which called a patient positive
-    when the largest fracture component reached the noise threshold, that rule written from the
-    report's ``thresholds``; None when neither is known.
-    """
-    rule = report.get("patient_rule")
-    if isinstance(rule, str) and rule:
-        return rule
-    thresholds = report.get("thresholds") or {}
-    if "probability" in thresholds and "noise_mm3" in thresholds:
-        return (f"largest component of p(fracture) >= {format_value(thresholds['probability'], 'g')} "
-                f"is at least {format_value(thresholds['noise_mm3'], 'g')} mm3")
-    return None
-
-
-def write_report_json(path: str | Path, report: dict[str, Any]) -> None:
-    """Write a case report as JSON (atomic; NaN written as null)."""
-    write_json_atomic(path, json_safe(report))
-
-
-def report_rows(report: dict[str, Any]) -> list[dict[str, str]]:
-    """One CSV row (column -> text) per vertebra of a case report."""
-    rows = []
-    for vertebra in report["vertebrae"]:
-        centroid_mm = vertebra.get("centroid_mm") or [None] * 3
-        centroid_voxel = vertebra.get("centroid_voxel") or [None] * 3
-        values = {
-            "case": report["case"],
-            "label": vertebra["label"],
-            "name": vertebra["name"],
-            "fracture_probability": vertebra.get("fracture_probability"),
-            "normal_probability": vertebra.get("normal_probability"),
-            "predicted": vertebra.get("predicted"),
-            "source": vertebra.get("source"),
-            "grade": vertebra.get("grade"),
-            "centroid_x_mm": centroid_mm[0],
-            "centroid_y_mm": centroid_mm[1],
-            "centroid_z_mm": centroid_mm[2],
-            "centroid_i": centroid_voxel[0],
-            "centroid_j": centroid_voxel[1],
-            "centroid_k": centroid_voxel[2],
-            "patient_score": patient_score_of(report),
-            "patient_threshold": patient_threshold_of(report),
-            "patient_rule": patient_rule_of(report),
-            "patient_fracture": report.get("patient_fracture"),
-        }
-        rows.append({column: format_value(values[column], ".6g", missing="") for column in CSV_COLUMNS})
-    return rows
-
-
-def _csv_text(rows: Sequence[dict[str, str]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def write_report_csv(path: str | Path, report: dict[str, Any]) -> None:
-    """Write a case's vertebra table (:data:`CSV_COLUMNS`), atomically."""
-    write_text_atomic(path, _csv_text(report_rows(report)))
-
-
-def write_summary_csv(path: str | Path, reports: Sequence[dict[str, Any]]) -> None:
-    """Cohort table: one row per vertebra over all case reports, atomically."""
-    rows = [row for report in reports for row in report_rows(report)]
-    write_text_atomic(path, _csv_text(rows))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -60,6 +60,9 @@ def command(manifest: Path, out_dir: Path, config_path: Path | None, model_selec
             batch_size: int | None, learning_rate: float | None, precision: str | None, quiet: bool) -> None:
     """Cross-validate on MANIFEST: splits, label images, train / predict / evaluate per fold, pooled evaluation."""
     from vfdetect import cv
+    from vfdetect import model_selection as selection_experiment
+    from vfdetect.layout import CvFolder
+    from vfdetect.stages import Stages, default_stages
     from vfdetect.vertebrae import read_manifest
 
     document: dict[str, Any] = cv.read_experiment(config_path) if config_path else {"experiment": "cv"}
@@ -86,18 +89,18 @@ def command(manifest: Path, out_dir: Path, config_path: Path | None, model_selec
         settings.update({key: value for key, value in given.items() if value is not None})
         if variants is not None:
             settings["variants"] = [v.strip() for v in variants.split(",") if v.strip()]
-        selection_config = cv.ModelSelectionConfig(**settings)
+        selection_config = selection_experiment.ModelSelectionConfig(**settings)
         if "seed" not in train_options:
             train_options["seed"] = selection_config.seed
         train_options.setdefault("min_grade", selection_config.min_grade)
 
-        def stages_for(variant_name: str) -> cv.Stages:
-            return cv.default_stages({**train_options, "variant": variant_name}, predict_options, quiet)
+        def stages_for(variant_name: str) -> Stages:
+            return default_stages({**train_options, "variant": variant_name}, predict_options, quiet)
 
-        selection = cv.run_model_selection(cases, out_dir, selection_config, stages_for, provenance=provenance,
-                                           progress=say)
+        selection = selection_experiment.run_model_selection(cases, out_dir, selection_config, stages_for,
+                                                             provenance=provenance, progress=say)
         if not quiet:
-            click.echo(cv.model_selection_markdown(selection))
+            click.echo(selection_experiment.model_selection_markdown(selection))
         return
 
     settings = dict(document.get("cv", {}))
@@ -110,7 +113,7 @@ def command(manifest: Path, out_dir: Path, config_path: Path | None, model_selec
     if "seed" not in train_options:
         train_options["seed"] = cv_config.seed
     train_options.setdefault("min_grade", cv_config.min_grade)
-    stages = cv.default_stages(train_options, predict_options, quiet)
+    stages = default_stages(train_options, predict_options, quiet)
     result = cv.run_cross_validation(cases, out_dir, cv_config, stages, provenance=provenance, progress=say)
     if quiet:
         return
@@ -128,4 +131,5 @@ def command(manifest: Path, out_dir: Path, config_path: Path | None, model_selec
     if chosen:
         click.echo(f"patient threshold chosen on the training side of each fold: recall {fmt(chosen['recall'])}, "
                    f"specificity {fmt(chosen['specificity'])} on the test folds")
-    click.echo(f"written: {Path(out_dir) / 'cv.json'}, {Path(out_dir) / 'evaluation' / 'metrics.md'}")
+    experiment = CvFolder(Path(out_dir))
+    click.echo(f"written: {experiment.summary}, {experiment.evaluation.metrics_markdown}")

@@ -42,6 +42,7 @@ def command(manifest: Path, pred_dir: Path, out_dir: Path, data_root: Path | Non
     """
     from vfdetect.errors import InputError
     from vfdetect.evaluate import evaluate_predictions
+    from vfdetect.layout import EvaluationFolder
     from vfdetect.vertebrae import read_manifest
 
     if not pred_dir.is_dir():
@@ -71,4 +72,4 @@ def command(manifest: Path, pred_dir: Path, out_dir: Path, data_root: Path | Non
         click.echo(f"patient level, rule fixed before seeing these cases: recall {fmt(rule['recall'])}, "
                    f"specificity {fmt(rule['specificity'])}")
     click.echo(f"vertebra level: {auc('vertebra')}, {metrics['vertebra_counts']['vertebrae']} vertebrae{noise}")
-    click.echo(f"written: {out_dir / 'metrics.md'}")
+    click.echo(f"written: {EvaluationFolder(out_dir).metrics_markdown}")
