@@ -194,7 +194,7 @@ class Experiment:
 
 def score(pred_dir: Path, manifest: Path, n_bootstrap: int, seed: int = 0) -> dict[str, Any]:
     """Vertebra AUC (graded vertebrae) and patient AUC (patient score) with bootstrap over cases."""
-    from vfdetect.evaluate import bootstrap_case_indices, roc_auc
+    from vfdetect.metrics import bootstrap_case_indices, roc_auc
     from vfdetect.vertebrae import read_grades
 
     grades = read_grades(manifest.with_name("grades.csv"))

@@ -32,7 +32,6 @@ from vfdetect.layout import (
     EvaluationFolder,
     find_case_report,
 )
-from vfdetect.metrics import bootstrap_case_indices, roc_auc  # noqa: F401  (imported from here by experiments/)
 from vfdetect.records import csv_text, read_case_report
 
 DEFAULT_NOISE_DRAWS = 10
