@@ -25,8 +25,18 @@ Without ``--run`` the map is simulated from the phantom's truth: label ellipsoid
 true centroids (:func:`vfdetect.labels.synthesize_labels`), each vertebra shifted by N(0, 2 mm) per
 axis, blurred (sigma 1.5 mm), scaled by U(0.6, 1.0) and with smooth noise (sd 0.1) added.
 
+Compare (``compare``): a full-size phantom (:func:`vfdetect.phantom.generate_phantom`, default
+``PhantomConfig``) predicted by :func:`vfdetect.predict.predict_case` in three configurations, each
+in its own process: whole volume in float32 (every voxel computed, the reference), whole volume with
+the best settings (``auto`` precision, 118^3 tiles), and the default spine region. Per configuration:
+seconds per stage (report.json ``timings``), voxels computed, useful GFLOP/s and its fraction of the
+float32 matmul rate measured in the same run, peak RSS, and the largest change of the fracture scores
+at the phantom's true centroids against the first configuration. Then the wall time of one
+``vfdetect predict SCAN --model RUN`` with default settings in a fresh process (start-up included).
+
 Usage::
 
+    python benchmarks/bench_inference.py compare [--run RUN] [--out results.json]
     python benchmarks/bench_inference.py speed [--run RUN] [--out results.json]
     python benchmarks/bench_inference.py memory
     python benchmarks/bench_inference.py localisation --cases 10 [--run RUN] [--small]
@@ -136,7 +146,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     configure_threads(args.threads)
     from vfdetect.aggregate import vertebra_scores
     from vfdetect.model import flops_per_output_voxel, load_model, multiply_adds_per_segment
-    from vfdetect.predict import fold_model, keras_predictor, predict_volume, tile_output_shape
+    from vfdetect.predict import keras_predictor, predict_volume, tile_output_shape
     from vfdetect.vertebrae import Vertebra
     from vfdetect.volume import Volume
 
@@ -144,15 +154,10 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     image = scan_volume(args.scan, shape) if args.scan else synthetic_volume(shape)
     model = load_model(Path(args.run) / "model.keras") if args.run else stand_in_model()
     geometry = model.geometry
-    if args.precision == "float32-folded":
-        import tensorflow as tf
-
-        call = tf.function(fold_model(model, "float32"), jit_compile=False)
-
-        def predictor(hr: np.ndarray, lr: np.ndarray) -> np.ndarray:
-            return np.asarray(call(tf.constant(hr), tf.constant(lr)))
+    if args.precision == "float32-unfolded":
+        predictor = keras_predictor(model, "float32", fold=False)
     else:
-        predictor = keras_predictor(model, args.precision)  # type: ignore[assignment]
+        predictor = keras_predictor(model, args.precision)
     tile = tuple([args.tile] * 3) if args.tile else None
     limit: dict[str, int] = {"batches": 0}
 
@@ -246,7 +251,7 @@ def speed(args: argparse.Namespace) -> None:
             print(f"{precision} tile {tile} batch {batch}: FAILED\n{result['error']}", flush=True)
             results["configs"].append(result)
             continue
-        if reference is None and precision == "float32":
+        if reference is None and precision.startswith("float32"):
             reference = result
         if reference is not None and reference is not result:
             result["max_score_difference_vs_float32"] = float(np.max(np.abs(
@@ -269,6 +274,159 @@ def memory(args: argparse.Namespace) -> None:
              "--max-batches", str(args.max_batches), "--dtype", args.dtype]
     result = child(args, extra)
     print(json.dumps(result, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Side by side on a full-size phantom: whole volume vs spine region
+# ----------------------------------------------------------------------------------------------
+
+COMPARE_CONFIGS = ("whole-float32:whole:float32:0", "whole-best:whole:auto:118", "spine-default:spine:auto:0")
+"""name:region:precision:tile (tile 0: the default chosen from the memory budget)."""
+
+
+def write_phantom_case(folder: Path, seed: int, small: bool) -> tuple[Path, list[dict[str, Any]]]:
+    """A phantom scan (NIfTI) and its true vertebra centroids (label, world mm)."""
+    import nibabel as nib
+
+    from vfdetect.phantom import PhantomConfig, generate_phantom
+
+    case = generate_phantom("bench", np.random.default_rng(seed), PhantomConfig.small() if small else PhantomConfig())
+    path = folder / "bench_ct.nii.gz"
+    nib.save(case.image, path)
+    return path, [{"label": v.label, "position_mm": list(v.position_mm)} for v in case.vertebrae]
+
+
+def write_model_run(folder: Path, run: str | None) -> Path:
+    """The run folder to predict with: ``run`` itself, or the stand-in network saved with a config."""
+    if run:
+        return Path(run)
+    folder.mkdir(parents=True, exist_ok=True)
+    stand_in_model().save(folder / "model.keras")
+    (folder / "config.json").write_text(json.dumps({"variant": "3d", "spacing": 1.0}))
+    return folder
+
+
+def run_case(args: argparse.Namespace) -> dict[str, Any]:
+    """One predict_case configuration on the phantom, in this process (default settings otherwise)."""
+    import tempfile
+
+    from vfdetect.aggregate import vertebra_scores
+    from vfdetect.model import flops_per_output_voxel
+    from vfdetect.predict import PredictConfig, load_predictor, predict_case
+    from vfdetect.vertebrae import Vertebra
+    from vfdetect.volume import Volume
+
+    started = time.perf_counter()
+    predictor = load_predictor(args.run, precision=args.precision, threads=args.threads)
+    load_seconds = time.perf_counter() - started
+    tile = (args.tile,) * 3 if args.tile else None
+    config = PredictConfig(region=args.region, skip_air=args.region != "whole", tile_shape=tile, keep_maps=True)
+    with tempfile.TemporaryDirectory(prefix="vfdetect-bench-") as out:
+        result = predict_case(predictor, args.scan, None, case="bench", out_dir=out, config=config)
+    truth = [Vertebra(int(v["label"]), tuple(v["position_mm"])) for v in json.loads(Path(args.truth).read_text())]
+    maps = result.probabilities
+    scores = vertebra_scores(Volume(maps.array[..., 2].astype(np.float32), maps.affine), truth,
+                             normal_probability=Volume(maps.array[..., 1].astype(np.float32), maps.affine))
+    region = result.report["region"]
+    timings = result.report["timings"]
+    voxels = int(np.prod(maps.array.shape[:3]))
+    computed = int(round(region["computed_fraction"] * voxels))
+    return {
+        "region": region,
+        "timings": timings,
+        "model_load_s": load_seconds,
+        "precision": predictor.precision,
+        "tile": list(tile) if tile else None,
+        "shape": list(maps.array.shape[:3]),
+        "voxels": voxels,
+        "computed_voxels": computed,
+        "useful_gflops": 2 * flops_per_output_voxel("3d") * computed / timings["inference_s"] / 1e9,
+        "fracture_scores": {str(s["label"]): s["fracture_probability"] for s in scores},
+        "peak_rss_gib": peak_rss_gib(),
+    }
+
+
+def end_to_end_seconds(run: Path, scan: Path, threads: int) -> dict[str, Any]:
+    """Wall time of ``vfdetect predict SCAN --model RUN`` with default settings (a fresh process)."""
+    import tempfile
+
+    command = [str(Path(sys.executable).parent / "vfdetect"), "predict", str(scan), "--model", str(run),
+               "--threads", str(threads), "--quiet", "--out"]
+    with tempfile.TemporaryDirectory(prefix="vfdetect-bench-") as out:
+        start = time.perf_counter()
+        output = subprocess.run([*command, out], capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - start
+        report = json.loads((Path(out) / "bench" / "report.json").read_text()) if output.returncode == 0 else {}
+    return {"seconds": seconds, "returncode": output.returncode, "stderr": output.stderr[-2000:],
+            "timings": report.get("timings"), "region": report.get("region"), "command": " ".join(command) + " OUT"}
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Whole-volume float32, whole-volume best and the default spine region, side by side."""
+    import platform
+    import tempfile
+
+    from vfdetect.predict import configure_threads
+
+    configure_threads(args.threads)
+    started = time.perf_counter()
+    results: dict[str, Any] = {"threads": args.threads, "configs": {}, "load_average_at_start": list(os.getloadavg())}
+    results["matmul_gflops_float32"] = matmul_gflops("float32")
+    results["matmul_gflops_bfloat16"] = matmul_gflops("bfloat16")
+    print(f"matmul: float32 {results['matmul_gflops_float32']:.0f} GFLOP/s, "
+          f"bfloat16 {results['matmul_gflops_bfloat16']:.0f} GFLOP/s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="vfdetect-bench-") as tmp:
+        folder = Path(tmp)
+        scan = Path(args.scan) if args.scan else None
+        truth_path = folder / "truth.json"
+        if scan is None:
+            scan, truth = write_phantom_case(folder, args.seed, args.small)
+            truth_path.write_text(json.dumps(truth))
+        else:
+            truth_path.write_text(json.dumps([]))
+        run = write_model_run(folder / "run", args.run)
+        reference: dict[str, float] | None = None
+        for item in args.configs:
+            name, region, precision, tile = item.split(":")
+            command = [sys.executable, __file__, "case", "--run", str(run), "--scan", str(scan), "--truth",
+                       str(truth_path), "--region", region, "--precision", precision, "--tile", tile,
+                       "--threads", str(args.threads)]
+            output = subprocess.run(command, capture_output=True, text=True, check=False,
+                                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+            if output.returncode != 0:
+                print(f"{name}: FAILED\n{output.stderr[-2000:]}", flush=True)
+                results["configs"][name] = {"error": output.stderr[-2000:]}
+                continue
+            result = json.loads(output.stdout.strip().splitlines()[-1])
+            peak = results["matmul_gflops_float32"]
+            result["fraction_of_float32_matmul"] = result["useful_gflops"] / peak
+            scores = result["fracture_scores"]
+            if reference is None:
+                reference = scores
+            common = sorted(set(scores) & set(reference))
+            result["max_score_change_vs_reference"] = max(
+                (abs(scores[k] - reference[k]) for k in common), default=float("nan"))
+            results["configs"][name] = result
+            t = result["timings"]
+            print(f"{name:14s} {result['precision']:8s} region {result['region']['mode']:5s}: "
+                  f"total {t['total_s']:.1f} s (load {t['load_s']:.1f}, region {t['region_s']:.1f}, inference "
+                  f"{t['inference_s']:.1f}, aggregation {t['aggregation_s']:.1f}, writing {t.get('writing_s', 0):.1f}), "
+                  f"computed {100 * result['region']['computed_fraction']:.1f} % of {result['voxels'] / 1e6:.1f}M voxels, "
+                  f"useful {result['useful_gflops']:.0f} GFLOP/s ({100 * result['fraction_of_float32_matmul']:.0f} % of "
+                  f"fp32 matmul), peak RSS {result['peak_rss_gib']:.2f} GiB, max score change "
+                  f"{result['max_score_change_vs_reference']:.4f}", flush=True)
+        if not args.skip_end_to_end:
+            results["end_to_end"] = end_to_end_seconds(run, scan, args.threads)
+            e2e = results["end_to_end"]
+            print(f"end to end `vfdetect predict` (defaults, fresh process): {e2e['seconds']:.1f} s "
+                  f"(returncode {e2e['returncode']})", flush=True)
+    results["load_average_at_end"] = list(os.getloadavg())
+    results["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+    results["wall_seconds"] = time.perf_counter() - started
+    print(f"load average at end {results['load_average_at_end']}, wall {results['wall_seconds']:.0f} s")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,9 +538,12 @@ def localisation(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    from vfdetect.cli import runtime_environment
+
+    os.environ.update(runtime_environment(verbose=False, device="auto"))  # quiet TensorFlow, no CUDA probing
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
-    for name in ("speed", "memory", "one", "localisation"):
+    for name in ("speed", "memory", "one", "localisation", "compare", "case"):
         p = sub.add_parser(name)
         p.add_argument("--run", default=None)
         p.add_argument("--scan", default=None)
@@ -390,9 +551,9 @@ def main() -> None:
         p.add_argument("--out", default=None)
         if name == "speed":
             p.add_argument("--configs", nargs="+",
-                           default=["float32:82:1", "float32-folded:82:1", "bfloat16:82:1", "bfloat16:82:2",
-                                    "bfloat16:100:1"],
-                           help="precision:tile:batch, tile = HR tile edge (output = tile - 16)")
+                           default=["float32-unfolded:82:1", "float32:82:1", "bfloat16:82:1", "bfloat16:118:1"],
+                           help="precision:tile:batch, tile = HR tile edge (output = tile - 16); precision "
+                           "float32-unfolded (the Keras model itself), float32 or bfloat16 (BatchNorm folded)")
         if name in ("memory", "one"):
             p.add_argument("--precision", default="float32")
             p.add_argument("--batch-size", type=int, default=1)
@@ -404,6 +565,18 @@ def main() -> None:
             p.add_argument("--save-probabilities", default=None)
         if name == "memory":
             p.set_defaults(max_batches=6)
+        if name == "compare":
+            p.add_argument("--configs", nargs="+", default=list(COMPARE_CONFIGS),
+                           help="name:region:precision:tile (tile = HR tile edge, 0: from the memory budget); "
+                           "the first is the reference of the score changes")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--small", action="store_true", help="PhantomConfig.small() instead of the full size")
+            p.add_argument("--skip-end-to-end", action="store_true")
+        if name == "case":
+            p.add_argument("--truth", required=True)
+            p.add_argument("--region", default="spine")
+            p.add_argument("--precision", default="auto")
+            p.add_argument("--tile", type=int, default=0)
         if name == "localisation":
             p.add_argument("--cases", type=int, default=10)
             p.add_argument("--seed", type=int, default=0)
@@ -416,6 +589,10 @@ def main() -> None:
         speed(args)
     elif args.mode == "memory":
         memory(args)
+    elif args.mode == "compare":
+        compare(args)
+    elif args.mode == "case":
+        print(json.dumps(run_case(args)))
     else:
         localisation(args)
 

@@ -72,6 +72,8 @@ def bench_pipeline(sampler: Any, subepochs: int) -> dict[str, float]:
             first_batch = time.perf_counter()
             continue
         n_segments += int(hr.shape[0])
+    if first_batch is None:
+        raise RuntimeError("the dataset delivered no batch")
     tf_data_rate = n_segments / (time.perf_counter() - first_batch)
     return {
         "draw_segments_per_s": draw_rate,
@@ -81,7 +83,7 @@ def bench_pipeline(sampler: Any, subepochs: int) -> dict[str, float]:
     }
 
 
-def compiled_model(precision: str) -> Any:
+def compiled_model(precision: str, jit_compile: bool = False) -> Any:
     """The 3D model compiled with the spec's RMSProp settings (stock Keras momentum) and cross-entropy."""
     import keras
 
@@ -91,12 +93,13 @@ def compiled_model(precision: str) -> Any:
     model.compile(
         optimizer=keras.optimizers.RMSprop(learning_rate=1e-3, rho=0.9, momentum=0.6, epsilon=1e-4),
         loss=keras.losses.SparseCategoricalCrossentropy(),
-        jit_compile=False,
+        jit_compile=jit_compile,
     )
     return model
 
 
-def bench_model(sampler: Any, precision: str, warmup_steps: int, timed_steps: int) -> dict[str, float]:
+def bench_model(sampler: Any, precision: str, warmup_steps: int, timed_steps: int,
+                jit_compile: bool = False) -> dict[str, float]:
     """Training rate on in-memory batches, then with model.fit reading the streaming dataset."""
     import keras
 
@@ -109,7 +112,7 @@ def bench_model(sampler: Any, precision: str, warmup_steps: int, timed_steps: in
          segments["labels"][b * BATCH_SIZE : (b + 1) * BATCH_SIZE].astype(np.int32))
         for b in range(n_batches)
     ]
-    model = compiled_model(precision)
+    model = compiled_model(precision, jit_compile)
     for step in range(warmup_steps):
         hr, lr, labels = batches[step % n_batches]
         model.train_on_batch([hr, lr], labels)
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default="float32,mixed_bfloat16")
     parser.add_argument("--full-size-phantoms", action="store_true", help="default PhantomConfig instead of small()")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jit-compile", action="store_true", help="XLA-compile the training step")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     models: dict[str, dict[str, float]] = {}
     for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
-        models[precision] = bench_model(sampler, precision, args.warmup_steps, args.timed_steps)
+        models[precision] = bench_model(sampler, precision, args.warmup_steps, args.timed_steps, args.jit_compile)
         figures = models[precision]
         print(f"model {precision}: train_on_batch {figures['train_on_batch_segments_per_s']:.1f} segments/s, "
               f"fit over pipeline {figures['fit_over_pipeline_segments_per_s']:.1f} segments/s")
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             "keras": keras.__version__,
             "numpy": np.__version__,
         },
-        "jit_compile": False,
+        "jit_compile": args.jit_compile,
         "phantom_setup_seconds": phantom_seconds,
         "wall_seconds": time.perf_counter() - started,
     }

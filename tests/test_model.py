@@ -329,3 +329,56 @@ def test_model_builds_and_runs_under_jax(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "jax ok" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BatchNorm folding
+
+
+def _with_random_statistics(model: keras.Model, seed: int) -> keras.Model:
+    """Non-trivial BatchNorm statistics, PReLU slopes and biases (an untrained model has identities)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.gamma.shape
+            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.3, shape),
+                               rng.normal(0, 0.3, shape), rng.uniform(0.5, 2.0, shape)])
+        elif isinstance(layer, keras.layers.PReLU):
+            layer.set_weights([rng.uniform(0.0, 0.3, layer.alpha.shape)])
+        elif layer.name.endswith("input_bias") or layer.name == "class_bias":
+            layer.set_weights([rng.normal(0, 0.5, layer.bias.shape)])
+    return model
+
+
+@pytest.mark.parametrize(
+    "variant, overrides",
+    [
+        ("3d", {}),
+        ("5slices", {"widths": (4, 4, 5, 5, 5, 5, 6, 6), "fc_widths": (7, 7)}),
+        ("3d", {"widths": (3,) * 8, "residual_layers": (3, 5), "fc_residual_layers": (2, 3), "fc_widths": (6, 5),
+                "input_bias": False}),
+    ],
+)
+def test_folded_model_equals_the_model(variant: str, overrides: dict) -> None:
+    from vfdetect.model import fold_batchnorm
+
+    model = _with_random_statistics(build_model(variant, seed=5, **overrides), seed=6)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    assert not any(isinstance(layer, keras.layers.Dropout) for layer in folded.layers)
+    rng = np.random.default_rng(7)
+    hr_shape = (19, 23, 21)
+    hr = rng.normal(size=(2, *hr_shape, 1)).astype(np.float32)
+    lr = rng.normal(size=(2, *model.geometry.lr_shape_for(hr_shape), 1)).astype(np.float32)
+    reference = np.asarray(model([hr, lr], training=False))
+    np.testing.assert_allclose(np.asarray(folded([hr, lr])), reference, atol=2e-5)
+    bf16 = np.asarray(fold_batchnorm(model, "mixed_bfloat16")([hr, lr]))
+    assert bf16.dtype == np.float32 and np.abs(bf16 - reference).mean() < 0.01
+
+
+def test_folding_refuses_other_models() -> None:
+    from vfdetect.model import fold_batchnorm
+
+    inputs = keras.Input((4,))
+    with pytest.raises(VfdetectError, match="not a vfdetect DeepMedic"):
+        fold_batchnorm(keras.Model(inputs, keras.layers.Dense(2)(inputs)))

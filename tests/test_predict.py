@@ -137,17 +137,18 @@ def test_model_single_tile_equals_small_tiles(model) -> None:  # type: ignore[no
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
 
 
-def test_folded_model_matches_keras(model) -> None:  # type: ignore[no-untyped-def]
-    from vfdetect.predict import fold_model
+def test_predictor_precisions_match_the_keras_model(model) -> None:  # type: ignore[no-untyped-def]
+    from vfdetect.predict import keras_predictor
 
     rng = np.random.default_rng(2)
     hr = rng.normal(size=(2, 29, 29, 29, 1)).astype(np.float32)
     lr = rng.normal(size=(2, *model.geometry.lr_shape_for((29, 29, 29)), 1)).astype(np.float32)
     reference = np.asarray(model([hr, lr], training=False))
-    folded = np.asarray(fold_model(model, "float32")(hr, lr))
-    np.testing.assert_allclose(folded, reference, atol=1e-4)
-    bf16 = np.asarray(fold_model(model, "bfloat16")(hr, lr))
-    assert np.abs(bf16 - reference).mean() < 0.01
+    np.testing.assert_allclose(keras_predictor(model, "float32", fold=False)(hr, lr), reference, atol=1e-6)
+    np.testing.assert_allclose(keras_predictor(model, "float32")(hr, lr), reference, atol=1e-4)
+    assert np.abs(keras_predictor(model, "bfloat16")(hr, lr) - reference).mean() < 0.01
+    with pytest.raises(VfdetectError, match="float32 only"):
+        keras_predictor(model, "bfloat16", fold=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,3 +462,91 @@ def test_blank_volume_says_no_spine_found(tmp_path) -> None:  # type: ignore[no-
     report = json.loads((tmp_path / "blank" / "report.json").read_text())
     assert report["patient_score"] is None and report["patient_fracture"] is None
     assert report["region"]["computed_fraction"] == 0.0 and "no spine found" in report["warnings"][0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiles fitted to the region, precision choice
+
+
+def _two_blob_mask(shape: tuple[int, int, int]) -> np.ndarray:
+    grid = np.indices(shape).transpose(1, 2, 3, 0)
+    mask = np.linalg.norm(grid - np.array([9, 11, 10]), axis=-1) < 6
+    mask |= np.linalg.norm(grid - np.array([40, 30, 52]), axis=-1) < 8
+    mask[20:23, 5:7, 30:31] = True
+    return mask
+
+
+@pytest.mark.parametrize("limit", [9, 12, 30])
+def test_tile_plan_covers_the_region_exactly_once(limit: int) -> None:
+    from vfdetect.predict import plan_tiles
+
+    shape = (53, 41, 64)
+    mask = _two_blob_mask(shape)
+    tiles = plan_tiles(shape, GEOMETRY, (limit,) * 3, mask)
+    cover = np.zeros(shape, dtype=np.int32)
+    for tile in tiles:
+        assert all(s % 3 == 0 for s in tile.start) and all(0 < o <= limit for o in tile.output_shape)
+        cover[tuple(slice(s, s + o) for s, o in zip(tile.start, tile.output_shape, strict=True))] += 1
+    assert cover.max() == 1 and np.all(cover[mask] == 1)
+    whole_plan = plan_tiles(shape, GEOMETRY, (limit,) * 3)
+    assert sum(t.voxels_inside(shape) for t in whole_plan) == mask.size
+    assert sum(t.voxels_inside(shape) for t in tiles) < 0.6 * mask.size  # the clipped tiles fit the blobs
+    assert plan_tiles(shape, GEOMETRY, (limit,) * 3, np.zeros(shape, bool)) == []
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_region_tiles_give_the_whole_volume_values(batch_size: int) -> None:
+    shape = (53, 41, 64)
+    image = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+    mask = _two_blob_mask(shape)
+    whole = predict_volume(image, stand_in, GEOMETRY, tile_shape=(40, 40, 40))
+    stats: dict = {}
+    region = predict_volume(image, stand_in, GEOMETRY, tile_shape=(29, 32, 35), batch_size=batch_size, mask=mask,
+                            stats=stats)
+    np.testing.assert_array_equal(region[mask], whole[mask])
+    assert np.all(region[~mask][:, 0][region[~mask][:, 0] != whole[~mask][:, 0]] == 1.0)
+    assert stats["computed_voxels"] < 0.6 * mask.size and stats["tiles"] >= 2
+
+
+def test_region_tiles_with_the_network(model) -> None:  # type: ignore[no-untyped-def]
+    from vfdetect.predict import keras_predictor
+
+    shape = (53, 41, 64)
+    image = np.random.default_rng(5).normal(size=shape).astype(np.float32)
+    mask = _two_blob_mask(shape)
+    predictor = keras_predictor(model, "float32")
+    whole = predict_volume(image, predictor, model.geometry, tile_shape=(46, 46, 46))
+    region = predict_volume(image, predictor, model.geometry, tile_shape=(40, 40, 40), mask=mask)
+    np.testing.assert_allclose(region[mask], whole[mask], atol=1e-5)
+
+
+def test_auto_precision_is_bfloat16_only_with_native_bf16(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from vfdetect.predict import cpu_flags, resolve_precision
+
+    assert resolve_precision("auto", frozenset({"avx512f", "avx512_bf16"})) == "bfloat16"
+    assert resolve_precision("auto", frozenset({"amx_tile", "amx_bf16"})) == "bfloat16"
+    assert resolve_precision("auto", frozenset({"avx2", "avx512f", "avx512_vnni"})) == "float32"
+    assert resolve_precision("auto", frozenset()) == "float32"
+    assert resolve_precision("auto", frozenset({"avx512_bf16"}), gpu=True) == "float32"
+    assert resolve_precision("float32", frozenset({"avx512_bf16"})) == "float32"
+    assert resolve_precision("bfloat16", frozenset()) == "bfloat16"
+    with pytest.raises(VfdetectError, match="unknown precision"):
+        resolve_precision("float16")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(cpuinfo) == frozenset({"fpu", "avx2", "avx512_bf16"})
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+@pytest.mark.slow
+def test_bfloat16_vertebra_scores_stay_within_0_01_of_float32(model) -> None:  # type: ignore[no-untyped-def]
+    case = _phantom(8)
+    config = PredictConfig(write_overlay=False, map_dtype="float32")
+    scores = {}
+    for precision in ("float32", "bfloat16"):
+        predictor = Predictor(model=model, config={"variant": "3d", "spacing": 1.0}, precision=precision)
+        result = predict_case(predictor, case.image, case.vertebrae, config=config)
+        assert result.report["model"]["precision"] == precision
+        scores[precision] = np.array(_scores(result))
+    assert len(scores["float32"]) == len(case.vertebrae) > 0
+    assert np.abs(scores["bfloat16"] - scores["float32"]).max() <= 0.01

@@ -4,6 +4,12 @@ Subcommands live in ``vfdetect/commands/<module>.py`` and are imported only when
 ``vfdetect --help`` and the commands that do not need TensorFlow start fast. Library code raises
 :class:`vfdetect.errors.VfdetectError`; this module turns it into a one-line message on stderr
 and exit status 1.
+
+TensorFlow's start-up chatter (oneDNN notices, CUDA probing errors, absl warnings) is hidden unless
+``vfdetect --verbose``. ``--device`` (or ``$VFDETECT_DEVICE``) chooses where the network runs:
+``auto`` uses a GPU when the machine has an NVIDIA driver and otherwise hides CUDA so that it is
+not probed; ``cpu`` never uses a GPU; ``gpu`` leaves every device visible. A
+``CUDA_VISIBLE_DEVICES`` set by the user is always kept.
 """
 
 from __future__ import annotations
@@ -57,17 +63,80 @@ class LazyGroup(click.Group):
             ctx.exit(1)
 
 
+DEVICES: tuple[str, ...] = ("auto", "cpu", "gpu")
+
+
+def nvidia_driver_present() -> bool:
+    """Whether this machine has an NVIDIA driver loaded (without starting CUDA)."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
+
+
+def runtime_environment(
+    verbose: bool, device: str, environ: dict[str, str] | None = None, gpu_present: bool | None = None
+) -> dict[str, str]:
+    """Environment variables to set before TensorFlow is imported (only those not set already).
+
+    Quiet (not ``verbose``): ``TF_CPP_MIN_LOG_LEVEL=3`` (C++ logs, oneDNN notices) and
+    ``GRPC_VERBOSITY=ERROR``. ``device="cpu"``, or ``"auto"`` on a machine without an NVIDIA
+    driver: ``CUDA_VISIBLE_DEVICES=""``, so that CUDA is not probed (and does not complain).
+    """
+    environ = dict(os.environ) if environ is None else environ
+    if device not in DEVICES:
+        raise VfdetectError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    settings: dict[str, str] = {}
+    if not verbose:
+        settings["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        settings["GRPC_VERBOSITY"] = "ERROR"
+    if device == "cpu" or (device == "auto" and not (nvidia_driver_present() if gpu_present is None else gpu_present)):
+        settings["CUDA_VISIBLE_DEVICES"] = ""
+    return {key: value for key, value in settings.items() if key not in environ}
+
+
+TENSORFLOW_COMMANDS: frozenset[str] = frozenset({"train", "predict", "cv"})
+"""Subcommands that run the network: TensorFlow is imported (quietly) before they start."""
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with file descriptor 2 sent to /dev/null, then silence its Python loggers.
+
+    TensorFlow 2.21 writes its C++ start-up notices (oneDNN, CUDA probing) before its log level
+    applies, so ``TF_CPP_MIN_LOG_LEVEL`` alone does not hide them. An import error still reaches the
+    user: it is raised after stderr is restored.
+    """
+    import logging
+
+    if "tensorflow" not in sys.modules:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 2)
+                try:
+                    import tensorflow  # noqa: F401
+                finally:
+                    os.dup2(saved, 2)
+        finally:
+            os.close(saved)
+    for name in ("tensorflow", "absl", "h5py"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vfdetect")
-def cli() -> None:
+@click.option("--verbose", is_flag=True, help="Show TensorFlow's start-up messages and warnings.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", envvar="VFDETECT_DEVICE", show_default=True,
+              help="Where the network runs: auto (a GPU when an NVIDIA driver is present, else the CPU without "
+              "probing CUDA), cpu, or gpu. Environment: VFDETECT_DEVICE.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, device: str) -> None:
     """Find osteoporotic vertebral compression fractures in CT scans."""
+    os.environ.update(runtime_environment(verbose, device))
+    if not verbose and ctx.invoked_subcommand in TENSORFLOW_COMMANDS:
+        import_tensorflow_quietly()
 
 
 def main() -> None:
     """Console-script entry point."""
-    # TensorFlow's C++ start-up chatter (CUDA probes, oneDNN notices) is noise on a command line;
-    # a user who wants it sets TF_CPP_MIN_LOG_LEVEL themselves.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cli()
 
 

@@ -70,8 +70,10 @@ def _is_run_folder(path: Path) -> bool:
               help="Edge of the cube averaged around each centroid.")
 @click.option("--sigma-mm", type=float, default=5.0, show_default=True,
               help="Gaussian weighting of the cube by distance to the centroid (0: plain mean).")
-@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="bfloat16: a copy with BatchNorm folded into the convolutions, about twice as fast.")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="Arithmetic of the network (BatchNorm always folded into the convolutions). auto: bfloat16 on "
+              "CPUs with native bf16 (AVX512-BF16, AMX), about 1.4x faster with vertebra scores within 0.01 of "
+              "float32; else float32.")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Tiles per network call.")
 @click.option("--memory-gib", type=float, default=4.0, show_default=True,
               help="Memory budget that sets the tile size.")

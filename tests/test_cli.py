@@ -1,0 +1,73 @@
+"""The command line's start-up: quiet TensorFlow unless --verbose, and the device choice."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from vfdetect.cli import runtime_environment
+from vfdetect.errors import VfdetectError
+
+CHATTER = ("oneDNN", "cuda", "cuInit", "absl", "I0000", "E0000", "W0000", "rebuild TensorFlow")
+
+
+def test_quiet_environment_and_device_choice() -> None:
+    quiet_cpu = runtime_environment(False, "auto", environ={}, gpu_present=False)
+    assert quiet_cpu == {"TF_CPP_MIN_LOG_LEVEL": "3", "GRPC_VERBOSITY": "ERROR", "CUDA_VISIBLE_DEVICES": ""}
+    assert "CUDA_VISIBLE_DEVICES" not in runtime_environment(False, "auto", environ={}, gpu_present=True)
+    assert "CUDA_VISIBLE_DEVICES" not in runtime_environment(True, "gpu", environ={}, gpu_present=False)
+    assert runtime_environment(True, "cpu", environ={}, gpu_present=True) == {"CUDA_VISIBLE_DEVICES": ""}
+    # What the user set is kept.
+    assert runtime_environment(False, "cpu", environ={"CUDA_VISIBLE_DEVICES": "1", "TF_CPP_MIN_LOG_LEVEL": "0"},
+                               gpu_present=True) == {"GRPC_VERBOSITY": "ERROR"}
+    with pytest.raises(VfdetectError, match="unknown device"):
+        runtime_environment(False, "tpu", environ={})
+
+
+@pytest.fixture(scope="module")
+def tiny_case(tmp_path_factory):  # type: ignore[no-untyped-def]
+    from vfdetect.model import build_model
+
+    folder = tmp_path_factory.mktemp("cli")
+    run = folder / "run"
+    run.mkdir()
+    build_model("3d", widths=(2,) * 8, fc_widths=(3, 3), seed=11).save(run / "model.keras")
+    (run / "config.json").write_text(json.dumps({"variant": "3d", "spacing": 2.0, "trainable_parameters": 1}))
+    array = np.full((40, 36, 48), -1000, dtype=np.int16)
+    array[5:-5, 5:-5, :] = 40
+    array[15:25, 12:22, :] = 700
+    scan = folder / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(array, np.diag([1.2, 1.0, 1.5, 1.0])), scan)
+    return run, scan
+
+
+def _predict(run: Path, scan: Path, out: Path, *global_options: str) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES", "GRPC_VERBOSITY")}
+    command = [sys.executable, "-m", "vfdetect.cli", *global_options, "predict", str(scan), "--model", str(run),
+               "--out", str(out), "--quiet", "--no-overlay"]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, check=False, timeout=600)
+
+
+@pytest.mark.slow
+def test_predict_prints_no_tensorflow_chatter(tiny_case, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    run, scan = tiny_case
+    result = _predict(run, scan, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and result.stdout == ""
+    assert (tmp_path / "out" / "scan" / "report.json").is_file()
+
+
+@pytest.mark.slow
+def test_verbose_lets_tensorflow_speak(tiny_case, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    run, scan = tiny_case
+    result = _predict(run, scan, tmp_path / "out", "--verbose")
+    assert result.returncode == 0, result.stderr
+    assert any(word in result.stderr for word in CHATTER)
