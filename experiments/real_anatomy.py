@@ -77,8 +77,9 @@ def _anatomy_of(case: str, anatomies: list[str]) -> str:
 
 
 class Experiment:
-    def __init__(self, config: dict[str, Any], out: Path, data_root: Path) -> None:
+    def __init__(self, config: dict[str, Any], out: Path, data_root: Path, score_only: bool = False) -> None:
         self.config = config
+        self.score_only = score_only
         self.out = out
         self.data_root = data_root
         self.labels = out / "labels"
@@ -159,6 +160,10 @@ class Experiment:
     def train(self, recipe: str, held_out: str | None) -> Path:
         manifest = self.training_manifest(recipe, held_out)
         run = manifest.parent / "run"
+        if self.score_only:
+            if not (run / "model.keras").is_file():
+                raise SystemExit(f"--score-only: {run} holds no model.keras yet")
+            return run
         settings = dict(self.config["train"])
         config_file = manifest.parent / "train_config.json"
         config_file.write_text(json.dumps(settings, indent=2) + "\n")
@@ -272,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", type=Path, default=Path(os.environ.get("VFDETECT_REAL_DATA", DEFAULT_DATA_ROOT)))
     parser.add_argument("--recipes", default=None, help="comma-separated subset of the config's recipes")
     parser.add_argument("--held-out", action="append", default=None, help="held-out anatomy (repeatable)")
+    parser.add_argument("--score-only", action="store_true",
+                        help="score the runs' current model.keras without (re)starting training (a run stopped early)")
     args = parser.parse_args(argv)
     config = json.loads(args.config.read_text())
     if config.get("experiment") != "real_anatomy":
@@ -281,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [r for r in recipes if r not in config["recipes"]]
     if unknown:
         raise SystemExit(f"{args.config}: unknown recipe(s) {unknown}")
-    experiment = Experiment(config, args.out, args.data_root)
+    experiment = Experiment(config, args.out, args.data_root, args.score_only)
     n_bootstrap = int(config.get("n_bootstrap", 1000))
     phantom_test = experiment.phantoms("default", "test")
     results_path = args.out / "real_anatomy.json"
@@ -294,11 +301,14 @@ def main(argv: list[str] | None = None) -> None:
             eval_manifest = experiment.held_out_manifest(anatomy)
             real_pred = experiment.predict(run, eval_manifest, run.parent / "predictions" / anatomy)
             phantom_pred = experiment.predict(run, phantom_test, run.parent / "predictions" / "phantoms")
+            progress = json.loads((run / "report.json").read_text())
             results.append({
                 "held_out": anatomy,
                 "recipe": recipe,
                 "description": spec["description"],
                 "run": str(run),
+                "training_status": progress.get("status"),
+                "segments_trained": progress.get("timings", {}).get("segments_trained"),
                 "real": score(real_pred, eval_manifest, n_bootstrap),
                 "phantoms": score(phantom_pred, phantom_test, n_bootstrap),
             })
