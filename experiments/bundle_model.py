@@ -127,11 +127,11 @@ def card_text(name: str, run: Path, results: list[dict[str, Any]], experiment: d
         f"copies per scan, seed {experiment['simulate']['train_seed']}) in the real scans of "
         f"`data_manifests/real_anatomy.csv` except the held-out {', '.join(experiment['held_out'])}; "
         f"sampling share of the real scans {experiment['real_share']}.",
-        f"- {segments:,} training segments ({train['epochs']} epochs x {train['subepochs']} subepochs x "
+        f"- Schedule {segments:,} training segments ({train['epochs']} epochs x {train['subepochs']} subepochs x "
         f"{train['segments_per_subepoch']}), batch {train['batch_size']}, {train['precision']}, domain "
-        f"randomisation on; {timings.get('segments_trained', 0):,} segments trained in "
-        f"{timings.get('elapsed_s', float('nan')) / 60:.0f} min ({timings.get('segments_per_s', float('nan')):.1f} "
-        f"segments/s) on {machine}.",
+        f"randomisation on; {timings.get('segments_trained', 0):,} segments trained (run status: "
+        f"{report.get('status', 'unknown')}) in {timings.get('elapsed_s', float('nan')) / 60:.0f} min "
+        f"({timings.get('segments_per_s', float('nan')):.1f} segments/s) on {machine}.",
         f"- Checkpoint kept: {json.dumps(report.get('checkpoint_selection', {}).get('description', 'see run report'))}.",
         "",
         "## Measured (bootstrap over cases, n=1000)",
