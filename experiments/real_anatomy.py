@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,11 +121,25 @@ class Experiment:
             self.synth_labels(manifest)
         return manifest
 
+    def labels_of(self, manifest: Path) -> Path:
+        """The label folder of one data set (case ids repeat between phantom sets, so one folder each)."""
+        return self.labels / "-".join(manifest.parent.relative_to(self.out).parts)
+
     def synth_labels(self, manifest: Path) -> None:
+        labels = self.labels_of(manifest)
         missing = [row["case"] for row in _read_rows(manifest)
-                   if not (self.labels / f"{row['case']}_labels.nii.gz").is_file()]
+                   if not (labels / f"{row['case']}_labels.nii.gz").is_file()]
         if missing:
-            _vfdetect("synth-labels", str(manifest), "--out", str(self.labels), "--no-preview", "--quiet")
+            _vfdetect("synth-labels", str(manifest), "--out", str(labels), "--no-preview", "--quiet")
+
+    def link_labels(self, source: Path, cases: list[tuple[str, str]], target: Path) -> None:
+        """Give a run's label folder the label images of ``cases`` ((id in source, id in the run))."""
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / "label_config.json", target / "label_config.json")
+        for old, new in cases:
+            link = target / f"{new}_labels.nii.gz"
+            if not link.exists():
+                link.symlink_to(source / f"{old}_labels.nii.gz")
 
     def training_manifest(self, recipe: str, held_out: str | None) -> Path:
         spec = self.config["recipes"][recipe]
@@ -132,9 +147,14 @@ class Experiment:
         name = recipe if held_out is None else f"{recipe}-without-{held_out}"
         folder = self.out / "runs" / name
         manifest = folder / "train.csv"
+        labels = folder / "labels"
+        # Case ids get their data set as a prefix: phantom sets reuse the same ids.
+        prefix = f"{spec['phantoms']}-"
         phantom_rows = _absolute(_read_rows(phantom_manifest), phantom_manifest.parent, ("image", "centroids"))
-        grade_rows = _read_rows(phantom_manifest.parent / "grades.csv")
-        rows = [dict(row, source="phantoms") for row in phantom_rows]
+        self.link_labels(self.labels_of(phantom_manifest), [(r["case"], prefix + r["case"]) for r in phantom_rows],
+                         labels)
+        rows = [dict(row, case=prefix + row["case"], source="phantoms") for row in phantom_rows]
+        grade_rows = [dict(row, case=prefix + row["case"]) for row in _read_rows(phantom_manifest.parent / "grades.csv")]
         if spec["real"]:
             real_manifest = self.simulated("train")
             real_rows = [
@@ -142,6 +162,7 @@ class Experiment:
                 for row in _absolute(_read_rows(real_manifest), real_manifest.parent, ("image", "centroids", "mask"))
                 if _anatomy_of(row["case"], self.anatomies) != held_out
             ]
+            self.link_labels(self.labels_of(real_manifest), [(r["case"], r["case"]) for r in real_rows], labels)
             if not real_rows:
                 raise SystemExit(f"recipe {recipe}: no simulated real scan left without {held_out}")
             share = float(self.config["real_share"])
@@ -158,19 +179,21 @@ class Experiment:
 
     # -- training and scoring ----------------------------------------------------------------
     def train(self, recipe: str, held_out: str | None) -> Path:
-        manifest = self.training_manifest(recipe, held_out)
-        run = manifest.parent / "run"
         if self.score_only:
+            name = recipe if held_out is None else f"{recipe}-without-{held_out}"
+            run = self.out / "runs" / name / "run"
             if not (run / "model.keras").is_file():
                 raise SystemExit(f"--score-only: {run} holds no model.keras yet")
             return run
+        manifest = self.training_manifest(recipe, held_out)
+        run = manifest.parent / "run"
         settings = dict(self.config["train"])
         config_file = manifest.parent / "train_config.json"
         config_file.write_text(json.dumps(settings, indent=2) + "\n")
         report = run / "report.json"
         finished = report.is_file() and json.loads(report.read_text()).get("status") == "finished"
         if not finished:
-            args = ["train", str(manifest), "--labels", str(self.labels), "--out", str(run),
+            args = ["train", str(manifest), "--labels", str(manifest.parent / "labels"), "--out", str(run),
                     "--grades", str(manifest.parent / "train_grades.csv"), "--quiet"]
             args += ["--resume"] if (run / "config.json").is_file() else ["--config", str(config_file)]
             args += ["--randomise"] if self.config["recipes"][recipe]["randomise"] else ["--no-randomise"]
