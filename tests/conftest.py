@@ -17,3 +17,13 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip(f"real data folder not found: {REAL_DATA} (set VFDETECT_REAL_DATA)")
     return REAL_DATA
+
+
+def assert_png_has_content(path, min_side: int = 200) -> None:
+    """The PNG at ``path`` decodes, is at least ``min_side`` pixels each way and is not one flat colour."""
+    import matplotlib.image
+    import numpy as np
+
+    pixels = matplotlib.image.imread(str(path))
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) >= min_side, pixels.shape
+    assert float(np.std(pixels[..., :3])) > 0.02, f"{path} is (nearly) one flat colour"

@@ -1,4 +1,4 @@
-"""Vertebra and patient scores and vertebra localisation (numpy only)."""
+"""Vertebra and patient scores (vfdetect.aggregate) and vertebra localisation (vfdetect.localise); numpy only."""
 
 from __future__ import annotations
 
@@ -9,14 +9,9 @@ import pytest
 
 from vfdetect.aggregate import (
     COMPONENT_THRESHOLDS,
-    LocalisationConfig,
     cube_offsets,
-    identification,
     largest_at,
     largest_components,
-    localise_vertebrae,
-    name_by_spacing,
-    name_from_anchor,
     patient_decision,
     patient_positive,
     patient_rule,
@@ -24,6 +19,13 @@ from vfdetect.aggregate import (
     vertebra_scores,
 )
 from vfdetect.errors import VfdetectError
+from vfdetect.localise import (
+    LocalisationConfig,
+    identification,
+    localise_vertebrae,
+    name_by_spacing,
+    name_from_anchor,
+)
 from vfdetect.vertebrae import Vertebra, vertebra_label
 from vfdetect.volume import Volume
 

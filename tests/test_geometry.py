@@ -17,7 +17,6 @@ from vfdetect.geometry import (
     extract_segments,
     geometry_for,
     pad_volume,
-    tile_plan,
     unpad_volume,
     valid_centre_mask,
 )
@@ -248,57 +247,3 @@ def test_label_block_of_valid_centres_lies_in_the_unpadded_volume() -> None:
     last = geometry.label_block_slices(upper, (25, 25, 25))
     assert [s.start for s in first] == [8, 8, 8]
     assert [s.stop for s in last] == [8 + n for n in volume_shape]
-
-
-@pytest.mark.parametrize(
-    ("variant", "volume_shape", "tile"),
-    [
-        ("3d", (29, 29, 29), (45, 45, 45)),  # exactly one tile
-        ("3d", (61, 40, 33), (45, 45, 45)),  # last tile shifted back on every axis
-        ("3d", (30, 31, 70), (27, 37, 45)),  # odd tile sizes
-        ("3d", (5, 7, 3), (45, 45, 45)),  # volume smaller than one tile
-        ("1slice", (13, 40, 50), (21, 25, 41)),
-        ("5slices", (13, 40, 50), (45, 45, 45)),
-    ],
-)
-def test_tiling_covers_every_voxel_and_reassembles_the_volume(variant, volume_shape, tile) -> None:
-    geometry = geometry_for(variant)
-    volume = np.random.default_rng(2).normal(size=volume_shape).astype(np.float32)
-    padded = pad_volume(volume, geometry, min_shape=tile)
-    plan = tile_plan(padded.shape, tile, geometry)
-    out = geometry.output_shape(tile)
-    owner = np.full(padded.shape, -1, dtype=np.int64)
-    reassembled = np.zeros(padded.shape, dtype=np.float32)
-    margin_before = [before for before, _ in geometry.margin()]
-    for index, start in enumerate(plan):
-        hr, _ = extract_segments(padded, start, tile, geometry, 0.0)
-        # stand-in network: the output block is the centre of the input (what an identity network would give)
-        centre = hr[tuple(slice(m, m + n) for m, n in zip(margin_before, out, strict=True))]
-        block = geometry.output_slices(start, tile)
-        owner[block] = index
-        reassembled[block] = centre
-    inside = tuple(slice(m, m + n) for m, n in zip(margin_before, volume_shape, strict=True))
-    assert np.all(owner[inside] >= 0)
-    np.testing.assert_array_equal(unpad_volume(reassembled, geometry, volume_shape), volume)
-    if padded.shape == tuple(n + sum(m) for n, m in zip(volume_shape, geometry.margin(), strict=True)):
-        outside = np.ones(padded.shape, dtype=bool)
-        outside[inside] = False
-        assert np.all(owner[outside] == -1)
-    # stride = output size from 0; the last tile ends exactly at the volume end
-    for axis in range(3):
-        starts = sorted({start[axis] for start in plan})
-        assert starts[0] == 0
-        assert starts[-1] + tile[axis] == padded.shape[axis]
-        assert all(b - a == out[axis] for a, b in itertools.pairwise(starts[:-1]))
-        if len(starts) > 1:
-            assert 0 < starts[-1] - starts[-2] <= out[axis]
-    # overwrite rule: the final owner of the last voxel is the last tile
-    assert owner[tuple(m + n - 1 for m, n in zip(margin_before, volume_shape, strict=True))] == len(plan) - 1
-
-
-def test_tile_plan_refuses_tiles_larger_than_the_volume() -> None:
-    geometry = geometry_for("3d")
-    with pytest.raises(GeometryError, match="larger than the padded volume"):
-        tile_plan((20, 60, 60), (45, 45, 45), geometry)
-    assert tile_plan((45, 45, 45), (45, 45, 45), geometry) == [(0, 0, 0)]
-    assert tile_plan((75, 45, 45), (45, 45, 45), geometry) == [(0, 0, 0), (29, 0, 0), (30, 0, 0)]

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import assert_png_has_content
 
 from vfdetect.cli import cli
 from vfdetect.errors import VfdetectError
@@ -19,6 +20,7 @@ from vfdetect.labels import (
     LabelConfig,
     ellipsoids,
     label_path,
+    read_label_config,
     read_label_min_grade,
     synthesize_labels,
     synthesize_manifest_labels,
@@ -193,6 +195,45 @@ def test_label_min_grade_is_read_back_from_the_label_folder(tmp_path):
         read_label_min_grade(tmp_path)
 
 
+def test_label_config_is_read_back_from_the_label_folder(tmp_path):
+    assert read_label_config(tmp_path) is None
+    config = LabelConfig(along_fraction=0.35, min_grade=2, unknown_grade="skip")
+    (tmp_path / "label_config.json").write_text(json.dumps(config.to_dict()))
+    assert read_label_config(tmp_path) == config
+    (tmp_path / "label_config.json").write_text(json.dumps({"along_fraction": 2.0}))
+    with pytest.raises(VfdetectError, match="label_config.json: invalid label settings"):
+        read_label_config(tmp_path)
+
+
+def _column_height(labels: np.ndarray, value: int, x: int, y: int) -> int:
+    """Voxels of ``value`` in the column ``labels[x, y, :]`` (its height in mm on a 1 mm grid)."""
+    return int(np.count_nonzero(labels[x, y, :] == value))
+
+
+def test_thick_slice_fracture_keeps_its_height_when_drawn_on_the_internal_grid():
+    """On a 1 x 1 x 4 mm scan a flattened ellipsoid drawn on the internal 1 mm grid has its true height;
+    the source-grid label image resampled nearest-neighbour is quantised to the 4 mm slices."""
+    from vfdetect.volume import Volume, internal_grid, to_internal
+
+    affine = np.diag([1.0, 1.0, 4.0, 1.0])
+    shape = (50, 50, 30)
+    vertebrae = [
+        Vertebra(20, (25.0, 25.0, 17.5), grade=0),
+        Vertebra(21, (25.0, 25.0, 50.5), grade=3),
+        Vertebra(22, (25.0, 25.0, 83.5), grade=0),
+    ]
+    config = LabelConfig()
+    true_height = 2 * config.along_fraction * 33.0 * config.fracture_height_scale[2]  # 13.2 mm
+    internal_shape, internal_affine = internal_grid(shape, affine)
+    drawn = synthesize_labels(internal_shape, internal_affine, vertebrae, config)
+    resampled = np.asarray(to_internal(Volume(synthesize_labels(shape, affine, vertebrae, config), affine), order=0).array)
+    assert resampled.shape == drawn.shape
+    drawn_height = _column_height(drawn, FRACTURE, 25, 25)
+    resampled_height = _column_height(resampled, FRACTURE, 25, 25)
+    assert abs(drawn_height - true_height) <= 1.0
+    assert resampled_height % 4 == 0 and abs(resampled_height - true_height) > 1.0
+
+
 def test_synth_labels_help_documents_min_grade_and_the_ignore_value():
     result = CliRunner().invoke(cli, ["synth-labels", "--help"])
     assert result.exit_code == 0
@@ -302,7 +343,7 @@ def test_manifest_labels_are_written_on_the_scan_grid_with_preview(real_data, tm
     values = np.asanyarray(written.dataobj)
     assert set(np.unique(values)) == {0, NORMAL, FRACTURE, IGNORE}  # L3-L5 are ungraded here
     assert read_label_min_grade(tmp_path / "labels") == 1
-    assert (tmp_path / "labels" / "v014_labels.png").stat().st_size > 10_000
+    assert_png_has_content(tmp_path / "labels" / "v014_labels.png")
     assert json.loads((tmp_path / "labels" / "label_config.json").read_text())["along_fraction"] == 0.4
     assert sorted(item.name for item in (tmp_path / "labels").iterdir()) == [
         "label_config.json", "v014_labels.nii.gz", "v014_labels.png",

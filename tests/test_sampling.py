@@ -1,4 +1,5 @@
-"""Tests of vfdetect.sampling: centre sampling, segment extraction, augmentation, seeding, tf.data."""
+"""Tests of vfdetect.sampling and its modules (training_cases, augment, segments, dataset): centre sampling,
+segment extraction, augmentation, seeding, tf.data."""
 
 from __future__ import annotations
 
@@ -9,28 +10,26 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from vfdetect.augment import Randomisation, draw_randomisation, noise_box, randomised_window
+from vfdetect.dataset import make_dataset, segments_dataset
 from vfdetect.errors import InputError, VfdetectError
 from vfdetect.geometry import NetworkGeometry, extract_segments, geometry_for, pad_volume
-from vfdetect.sampling import (
-    PreparedCase,
-    Randomisation,
-    SamplingConfig,
-    TrainingCase,
+from vfdetect.sampling import SamplingConfig
+from vfdetect.segments import (
     TrainingSampler,
-    distribute_to_classes,
-    draw_randomisation,
     draw_subepoch,
     extract_sample,
-    load_training_case,
-    make_dataset,
-    noise_box,
-    prepare_case,
-    randomised_window,
-    sample_centres,
-    segments_dataset,
     subepoch_positions,
     subepoch_rng,
     uniform_validation_segments,
+)
+from vfdetect.training_cases import (
+    PreparedCase,
+    TrainingCase,
+    distribute_to_classes,
+    load_training_case,
+    prepare_case,
+    sample_centres,
     valid_centre_bounds,
 )
 
@@ -408,6 +407,56 @@ def test_ignored_vertebrae_load_but_are_never_segment_centres(tmp_path) -> None:
     segments = draw_subepoch([prepared], GEOMETRY_3D, SamplingConfig(), 40, np.random.default_rng(0))
     centres = segments["centre"]
     assert all(prepared.padded_labels[tuple(c)] in (0, 1) for c in centres)
+
+
+def test_load_training_case_draws_labels_on_the_internal_grid_from_centroids(tmp_path) -> None:
+    """A thick-slice (1 x 1 x 4 mm) case with centroids: the fracture keeps its true height (13.2 mm)."""
+    import json
+
+    from vfdetect.labels import FRACTURE, LabelConfig, synthesize_labels
+    from vfdetect.vertebrae import Case
+
+    affine = np.diag([1.0, 1.0, 4.0, 1.0])
+    hu = np.full((50, 50, 30), -1000, dtype=np.int16)
+    hu[5:45, 5:45, :] = 40
+    scan = tmp_path / "thick_ct.nii.gz"
+    nib.save(nib.Nifti1Image(hu, affine), scan)
+    centroids = tmp_path / "thick_ctd.json"
+    centroids.write_text(json.dumps([{"direction": ["R", "A", "S"]}] + [
+        {"label": label, "X": 25.0, "Y": 25.0, "Z": z / 4.0} for label, z in ((20, 17.5), (21, 50.5), (22, 83.5))
+    ]))
+    labels_dir = tmp_path / "labels"
+    labels_dir.mkdir()
+    (labels_dir / "label_config.json").write_text(json.dumps(LabelConfig().to_dict()))
+    case = Case("thick", scan, centroids, grades={20: 0, 21: 3, 22: 0})
+    loaded = load_training_case(case, labels_dir)
+    from vfdetect.volume import internal_grid
+
+    shape, internal_affine = internal_grid(hu.shape, affine)
+    vertebrae = case.vertebrae(affine, hu.shape)
+    assert [v.position_mm for v in vertebrae] == [(25.0, 25.0, 17.5), (25.0, 25.0, 50.5), (25.0, 25.0, 83.5)]
+    assert np.array_equal(loaded.labels, synthesize_labels(shape, internal_affine, vertebrae))
+    assert abs(int(np.count_nonzero(loaded.labels[25, 25, :] == FRACTURE)) - 13.2) <= 1.0
+    assert not (labels_dir / "thick_labels.nii.gz").exists()  # no label image needed
+
+
+@pytest.mark.parametrize("hr_shape", [(25, 25, 25), (17, 17, 17), (45, 45, 45)])
+def test_prepare_case_with_class_voxels_equals_scanning_the_labels(hr_shape) -> None:
+    case = spine_like_case()
+    labels = case.labels.copy()
+    labels[16:18, 15:17, 30:33] = 255
+    plain = TrainingCase("c", case.image, labels)
+    voxels = {value: np.flatnonzero(labels.ravel() == value) for value in (1, 2, 255)}
+    indexed = TrainingCase("c", case.image, labels, class_voxels=voxels)
+    expected, found = prepare_case(plain, GEOMETRY_3D, hr_shape), prepare_case(indexed, GEOMETRY_3D, hr_shape)
+    assert found.class_counts == expected.class_counts
+    for mine, theirs in zip(found.class_indices, expected.class_indices, strict=True):
+        assert (mine is None and theirs is None) or np.array_equal(mine, theirs)
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    config = SamplingConfig(hr_shape=hr_shape, **NO_AUGMENTATION)
+    a = draw_subepoch([expected], GEOMETRY_3D, config, 30, rng_a)
+    b = draw_subepoch([found], GEOMETRY_3D, config, 30, rng_b)
+    assert np.array_equal(a["centre"], b["centre"]) and np.array_equal(a["hr"], b["hr"])
 
 
 def test_prepared_case_is_reused_not_recomputed() -> None:

@@ -468,7 +468,8 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(box_data: d
 
     def kill_after_first_checkpoint() -> None:
         while process.poll() is None:
-            if checkpoint.is_file():
+            # The run report is written just after the checkpoint: wait for both.
+            if checkpoint.is_file() and (run_dir / "report.json").is_file():
                 process.send_signal(signal.SIGKILL)
                 killed_after.append(read_checkpoint(checkpoint)[0]["state"]["next_subepoch"])
                 return

@@ -34,7 +34,6 @@ subsample_factor=(3, 3, 3))`` gives the blanket-factor alternative.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -339,30 +338,3 @@ def valid_centre_mask(shape: Sequence[int], hr_shape: Sequence[int]) -> np.ndarr
     if all(lo <= hi for lo, hi in zip(lower, upper, strict=True)):
         mask[lower[0] : upper[0] + 1, lower[1] : upper[1] + 1, lower[2] : upper[2] + 1] = True
     return mask
-
-
-def _axis_tile_starts(size: int, tile: int, stride: int) -> list[int]:
-    """Starts along one axis: 0, stride, 2 * stride, ... and a last tile ending exactly at ``size``."""
-    starts = list(range(0, size - tile + 1, stride))
-    if starts[-1] + tile < size:
-        starts.append(size - tile)
-    return starts
-
-
-def tile_plan(shape: Sequence[int], hr_tile_shape: Sequence[int], geometry: NetworkGeometry) -> list[Shape3]:
-    """Tile starts (padded coordinates, x-major order) covering a padded volume of ``shape``.
-
-    Tiles of ``hr_tile_shape`` move with a stride of their output size from 0; the last tile of each
-    axis is shifted back to end exactly at the volume's end. Writing each tile's output block at
-    ``geometry.output_slices(start, hr_tile_shape)`` in plan order (later tiles overwrite) fills every
-    voxel of the unpadded volume, and nothing in the margins of a volume padded by :func:`pad_volume`
-    without ``min_shape``. Pad with ``min_shape=hr_tile_shape`` (or use a smaller tile) when the padded
-    volume is smaller than a tile.
-    """
-    size = _as_shape3(shape, "shape")
-    tile = _as_shape3(hr_tile_shape, "hr_tile_shape")
-    out = geometry.output_shape(tile)
-    if any(t > n for t, n in zip(tile, size, strict=True)):
-        raise GeometryError(f"tile {tile} is larger than the padded volume {size}; pad with min_shape={tile}")
-    per_axis = [_axis_tile_starts(n, t, o) for n, t, o in zip(size, tile, out, strict=True)]
-    return [tuple(int(v) for v in start) for start in itertools.product(*per_axis)]  # type: ignore[misc]

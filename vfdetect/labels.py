@@ -480,11 +480,11 @@ def synthesize_manifest_labels(
     return written
 
 
-def read_label_min_grade(labels_dir: str | Path) -> int | None:
-    """``min_grade`` of the label images in ``labels_dir`` from its ``label_config.json``.
+def read_label_config(labels_dir: str | Path) -> LabelConfig | None:
+    """The :class:`LabelConfig` the label images in ``labels_dir`` were made with (``label_config.json``).
 
-    None when the folder has no such file (label images made elsewhere); 1 when the file predates
-    the setting (fractures were then always grade >= 1).
+    None when the folder has no such file (label images made elsewhere). Settings missing from the
+    file take their defaults (``min_grade`` 1 for files that predate it).
     """
     import json
 
@@ -497,4 +497,17 @@ def read_label_min_grade(labels_dir: str | Path) -> int | None:
         raise InputError(path, f"unreadable label settings: {error}") from None
     if not isinstance(values, dict):
         raise InputError(path, "label settings must be a JSON object")
-    return LabelConfig.from_dict(values).min_grade
+    try:
+        return LabelConfig.from_dict(values)
+    except (VfdetectError, TypeError, ValueError) as error:
+        raise InputError(path, f"invalid label settings: {error}") from None
+
+
+def read_label_min_grade(labels_dir: str | Path) -> int | None:
+    """``min_grade`` of the label images in ``labels_dir`` from its ``label_config.json``.
+
+    None when the folder has no such file (label images made elsewhere); 1 when the file predates
+    the setting (fractures were then always grade >= 1).
+    """
+    config = read_label_config(labels_dir)
+    return None if config is None else config.min_grade

@@ -4,7 +4,8 @@ Every file and folder name the package reads or writes is spelled here once. A f
 frozen dataclass around its path; its properties are the paths inside it (nothing is created or
 read here)::
 
-    run folder        model.keras  config.json  log.csv  report.json  checkpoint/
+    run folder        model.keras  model_last.keras  config.json  log.csv  report.json  tensorboard/
+                      checkpoint/last.npz  workers/<type>-<index>/ (a run folder per non-chief worker)
     prediction folder <case>/{report.json, report.csv, probabilities.nii.gz, labels.nii.gz, overlay.png}
                       summary.csv
     label folder      <case>_labels.nii.gz  <case>_labels.png (preview)  label_config.json
@@ -60,10 +61,21 @@ class RunFolder:
 
     path: Path
     model = _File("model.keras")
+    model_last = _File("model_last.keras")
     config = _File("config.json")
     log = _File("log.csv")
     report = _File("report.json")
+    tensorboard = _File("tensorboard")
     checkpoint_dir = _File("checkpoint")
+
+    @property
+    def checkpoint(self) -> Path:
+        """The last checkpoint, rewritten after every subepoch."""
+        return self.checkpoint_dir / "last.npz"
+
+    def worker(self, name: str) -> RunFolder:
+        """The run folder a non-chief worker ``name`` (``<type>-<index>``) writes to."""
+        return RunFolder(Path(self.path) / "workers" / name)
 
 
 @dataclass(frozen=True)
@@ -187,3 +199,13 @@ class ModelSelectionFolder:
 def figures_dir(folder: Path) -> Path:
     """Default folder of the figures drawn from ``folder``'s saved outputs."""
     return Path(folder) / "figures"
+
+
+def fixed_files(folder: Any) -> list[Path]:
+    """Every fixed-name file (or folder) of a folder object (``RunFolder(path)``, ``EvaluationFolder(path)``...).
+
+    The command line checks these against its inputs, so that no output overwrites an input.
+    """
+    names = [attribute.name for kind in type(folder).__mro__ for attribute in vars(kind).values()
+             if isinstance(attribute, _File)]
+    return [Path(folder.path) / name for name in dict.fromkeys(names)]

@@ -25,6 +25,9 @@ ring buffer, and its dropout is inverted, the same in expectation.
 
 The widths per variant are the spec's proposal, giving about 230K trainable parameters each:
 229,271 (3d), 229,955 (5slices), 229,643 (1slice), input biases included.
+
+The custom layers live in :mod:`vfdetect.keras_layers` and the inference transform in
+:mod:`vfdetect.folding`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -38,12 +41,20 @@ from typing import Any
 
 import keras
 import numpy as np
-from keras import layers, ops
+from keras import layers
 
 from vfdetect.errors import InputError, VfdetectError, refuse_unknown_fields
+from vfdetect.folding import fold_batchnorm
 from vfdetect.geometry import VARIANT_KERNELS, VARIANT_SUBSAMPLE_FACTOR, VARIANTS, NetworkGeometry
-
-SERIALISATION_PACKAGE = "vfdetect"
+from vfdetect.keras_layers import (
+    SERIALISATION_PACKAGE,
+    ChannelAffine,
+    ChannelBias,
+    ResidualAdd,
+    UpsampleRepeatCrop,
+    int_tuple,
+    residual_crop,
+)
 
 VARIANT_WIDTHS: dict[str, tuple[int, ...]] = {
     "3d": (17, 17, 23, 23, 23, 23, 27, 27),
@@ -57,13 +68,6 @@ PAPER_PARAMETER_BUDGET = 230_000
 
 CLASS_NAMES: tuple[str, ...] = ("background", "normal", "fracture")
 """Output channels of the classifier, in order (label values 0, 1, 2)."""
-
-
-def _int_tuple(values: Sequence[int], what: str, length: int | None = None) -> tuple[int, ...]:
-    items = tuple(int(v) for v in values)
-    if length is not None and len(items) != length:
-        raise VfdetectError(f"{what} needs {length} values, got {len(items)}")
-    return items
 
 
 @dataclass(frozen=True)
@@ -102,15 +106,15 @@ class DeepMedicConfig:
         if self.variant not in VARIANTS:
             raise VfdetectError(f"unknown network variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         given_kernels: Sequence[Sequence[int]] = VARIANT_KERNELS[self.variant] if self.kernels is None else self.kernels
-        kernels = tuple(_int_tuple(kernel, "a kernel shape", 3) for kernel in given_kernels)
+        kernels = tuple(int_tuple(kernel, "a kernel shape", 3) for kernel in given_kernels)
         given_factor: Sequence[int] = VARIANT_SUBSAMPLE_FACTOR[self.variant] if self.subsample_factor is None else self.subsample_factor
-        factor = _int_tuple(given_factor, "subsample_factor", 3)
+        factor = int_tuple(given_factor, "subsample_factor", 3)
         NetworkGeometry(kernels=kernels, subsample_factor=factor)  # type: ignore[arg-type]  # validates
         widths = VARIANT_WIDTHS[self.variant] if self.widths is None else self.widths
-        widths = _int_tuple(widths, "widths", len(kernels))
+        widths = int_tuple(widths, "widths", len(kernels))
         subsampled = widths if self.subsampled_widths is None else self.subsampled_widths
-        subsampled = _int_tuple(subsampled, "subsampled_widths", len(kernels))
-        fc_widths = _int_tuple(self.fc_widths, "fc_widths")
+        subsampled = int_tuple(subsampled, "subsampled_widths", len(kernels))
+        fc_widths = int_tuple(self.fc_widths, "fc_widths")
         fc_dropout = tuple(float(rate) for rate in self.fc_dropout)
         if len(fc_dropout) != len(fc_widths) + 1:
             raise VfdetectError(f"fc_dropout needs {len(fc_widths) + 1} rates (FC layers and classifier), got {len(fc_dropout)}")
@@ -118,10 +122,10 @@ class DeepMedicConfig:
             raise VfdetectError(f"dropout rates must lie in [0, 1), got {fc_dropout}")
         if min(widths + subsampled + fc_widths) < 1 or int(self.num_classes) < 2:
             raise VfdetectError("widths must be positive and there must be at least 2 classes")
-        residual = _int_tuple(self.residual_layers, "residual_layers")
+        residual = int_tuple(self.residual_layers, "residual_layers")
         if any(not 3 <= layer <= len(kernels) for layer in residual):
             raise VfdetectError(f"residual conv layers must lie in 3..{len(kernels)}, got {residual}")
-        fc_residual = _int_tuple(self.fc_residual_layers, "fc_residual_layers")
+        fc_residual = int_tuple(self.fc_residual_layers, "fc_residual_layers")
         if any(not 2 <= layer <= len(fc_widths) + 1 for layer in fc_residual):
             raise VfdetectError(f"residual FC layers must lie in 2..{len(fc_widths) + 1}, got {fc_residual}")
         values = {
@@ -158,83 +162,6 @@ class DeepMedicConfig:
         """Inverse of :meth:`to_dict`; unknown keys are refused."""
         refuse_unknown_fields(cls, values, "model arguments")
         return cls(**values)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Custom layers (serialisable under the "vfdetect" package)
-
-
-@keras.saving.register_keras_serializable(package=SERIALISATION_PACKAGE)
-class ChannelBias(layers.Layer):
-    """Adds a learned bias per channel (initialised to zero)."""
-
-    def build(self, input_shape: tuple[int | None, ...]) -> None:
-        channels = input_shape[-1]
-        if channels is None:
-            raise VfdetectError("ChannelBias needs a known number of channels")
-        self.bias = self.add_weight(shape=(int(channels),), initializer="zeros", name="bias")
-
-    def call(self, inputs: Any) -> Any:
-        return inputs + ops.cast(self.bias, inputs.dtype)
-
-    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
-        return tuple(input_shape)
-
-
-@keras.saving.register_keras_serializable(package=SERIALISATION_PACKAGE)
-class UpsampleRepeatCrop(layers.Layer):
-    """Upsamples ``inputs[0]`` by repeating each voxel ``factor`` times per axis, then keeps the first voxels
-    of each spatial axis so that it matches the spatial size of ``inputs[1]`` (DeepMedic's alignment)."""
-
-    def __init__(self, factor: Sequence[int] = (3, 3, 3), **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.factor = _int_tuple(factor, "factor", 3)
-
-    def call(self, inputs: Sequence[Any]) -> Any:
-        low_resolution, reference = inputs
-        upsampled = low_resolution
-        for axis, factor in enumerate(self.factor):
-            if factor > 1:
-                upsampled = ops.repeat(upsampled, factor, axis=axis + 1)
-        size = ops.shape(reference)
-        return upsampled[:, : size[1], : size[2], : size[3], :]
-
-    def compute_output_shape(self, input_shapes: Sequence[tuple[int | None, ...]]) -> tuple[int | None, ...]:
-        low_resolution, reference = input_shapes
-        return (low_resolution[0], reference[1], reference[2], reference[3], low_resolution[4])
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "factor": list(self.factor)}
-
-
-@keras.saving.register_keras_serializable(package=SERIALISATION_PACKAGE)
-class ResidualAdd(layers.Layer):
-    """``inputs[0] + inputs[1]`` where the earlier tensor ``inputs[1]`` is centre-cropped by ``crop``
-    (voxels dropped before/after per spatial axis) and zero-padded (or truncated) to the channels of
-    ``inputs[0]``."""
-
-    def __init__(self, crop: Sequence[Sequence[int]] = ((0, 0), (0, 0), (0, 0)), **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.crop = tuple(_int_tuple(pair, "crop", 2) for pair in crop)
-        if len(self.crop) != 3 or min(min(pair) for pair in self.crop) < 0:
-            raise VfdetectError(f"crop needs 3 non-negative (before, after) pairs, got {crop}")
-
-    def call(self, inputs: Sequence[Any]) -> Any:
-        deep, earlier = inputs
-        index = (slice(None),) + tuple(slice(before, -after if after else None) for before, after in self.crop)
-        earlier = earlier[index]
-        deep_channels, earlier_channels = int(deep.shape[-1]), int(earlier.shape[-1])
-        if earlier_channels > deep_channels:
-            earlier = earlier[..., :deep_channels]
-        elif earlier_channels < deep_channels:
-            earlier = ops.pad(earlier, [[0, 0]] * 4 + [[0, deep_channels - earlier_channels]])
-        return deep + ops.cast(earlier, deep.dtype)
-
-    def compute_output_shape(self, input_shapes: Sequence[tuple[int | None, ...]]) -> tuple[int | None, ...]:
-        return tuple(input_shapes[0])
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "crop": [list(pair) for pair in self.crop]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,14 +239,6 @@ def apply_conv_block(
     return factory.conv(width, kernel, f"{name}_conv")(x)
 
 
-def _residual_crop(kernels: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
-    """Centre crop (before, after) per axis matching what ``kernels`` remove from a tensor."""
-    crop = []
-    for axis in range(3):
-        total = sum(int(kernel[axis]) - 1 for kernel in kernels)
-        crop.append((total // 2, total - total // 2))
-    return tuple(crop)
-
 
 def apply_conv_pathway(inputs: Any, factory: _LayerFactory, widths: Sequence[int], name: str) -> Any:
     """The 8 conv blocks of one pathway, with residual connections at ``config.residual_layers``."""
@@ -330,7 +249,7 @@ def apply_conv_pathway(inputs: Any, factory: _LayerFactory, widths: Sequence[int
         x = apply_conv_block(outputs[-1], factory, width, kernel, f"{name}_{number}", first=index == 0)
         if number in factory.config.residual_layers:
             earlier = outputs[number - 2]  # the input of layer number - 1
-            crop = _residual_crop(kernels[number - 2 : number])
+            crop = residual_crop(kernels[number - 2 : number])
             x = ResidualAdd(crop=crop, dtype=factory.config.precision, name=f"{name}_{number}_residual")([x, earlier])
         outputs.append(x)
     return outputs[-1]
@@ -503,156 +422,6 @@ def geometry_of(model: keras.Model) -> NetworkGeometry:
         return model.geometry
     raise VfdetectError(f"model {getattr(model, 'name', model)!r} is not a vfdetect DeepMedic network")
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Inference transform: BatchNorm folded into the convolutions
-
-
-@keras.saving.register_keras_serializable(package=SERIALISATION_PACKAGE)
-class ChannelAffine(layers.Layer):
-    """``inputs * scale + shift`` per channel (an inference-mode BatchNorm that could not be folded)."""
-
-    def build(self, input_shape: tuple[int | None, ...]) -> None:
-        channels = input_shape[-1]
-        if channels is None:
-            raise VfdetectError("ChannelAffine needs a known number of channels")
-        self.scale = self.add_weight(shape=(int(channels),), initializer="ones", name="scale")
-        self.shift = self.add_weight(shape=(int(channels),), initializer="zeros", name="shift")
-
-    def call(self, inputs: Any) -> Any:
-        return inputs * ops.cast(self.scale, inputs.dtype) + ops.cast(self.shift, inputs.dtype)
-
-    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
-        return tuple(input_shape)
-
-
-def _batchnorm_affine(layer: layers.BatchNormalization) -> tuple[np.ndarray, np.ndarray]:
-    """Inference-mode BatchNorm as ``x * scale + shift`` per channel (float64)."""
-    values = {weight.path.split("/")[-1]: np.asarray(weight.numpy(), dtype=np.float64) for weight in layer.weights}
-    gamma = values.get("gamma", 1.0)
-    scale = gamma / np.sqrt(values["moving_variance"] + float(layer.epsilon))
-    return scale, values.get("beta", 0.0) - values["moving_mean"] * scale
-
-
-def _weights(model: keras.Model, name: str, attribute: str) -> np.ndarray:
-    return np.asarray(getattr(model.get_layer(name), attribute).numpy(), dtype=np.float64)
-
-
-def fold_batchnorm(model: keras.Model, precision: str | None = "float32") -> keras.Model:
-    """An inference-only copy of a :class:`DeepMedic` network with every BatchNorm folded away.
-
-    Same inputs ``[hr, lr]`` and outputs as ``model(..., training=False)`` (equal up to float rounding);
-    ``precision`` is the Keras dtype policy of the copy (``"float32"``, ``"mixed_bfloat16"``); the
-    class bias and softmax stay float32. Dropout, the identity at inference, is left out.
-
-    The blocks are pre-activation (BN -> PReLU -> conv), so a BatchNorm cannot go into the conv
-    after it; but it normalises the raw output of the previous conv, and a conv followed by a
-    per-channel affine map is a conv with a bias. So each BN is folded into the *preceding* conv
-    (kernel x scale, bias = shift) wherever that conv's raw output is needed nowhere else. Where it
-    is (outputs feeding a residual connection, outputs receiving one, the concatenated features
-    under an FC residual), the conv stays and a :class:`ChannelAffine` applies the BN after the add.
-    A pathway's input bias becomes a bias of its first conv (exact for valid convolutions); the
-    subsampled pathway's share of the features' BN commutes with the upsampling by repetition.
-    """
-    geometry_of(model)  # refuses anything but a vfdetect network
-    config: DeepMedicConfig = model.deepmedic_config
-    kernels = config.kernels
-    depth = len(kernels)  # type: ignore[arg-type]
-    residual = set(config.residual_layers)
-    raw_needed = {number - 2 for number in residual}
-    fc_residual = set(config.fc_residual_layers)
-    fc_raw_needed = {number - 2 for number in fc_residual}
-    fc_scale, fc_shift = _batchnorm_affine(model.get_layer("fc_1_bn"))
-    normal_width = config.widths[-1]  # type: ignore[index]
-
-    def conv(inputs: Any, kernel: np.ndarray, bias: np.ndarray | None, name: str) -> Any:
-        layer = layers.Conv3D(kernel.shape[-1], kernel.shape[:3], padding="valid", use_bias=bias is not None,
-                              dtype=precision, name=name)
-        outputs = layer(inputs)
-        layer.set_weights([kernel] if bias is None else [kernel, bias])
-        return outputs
-
-    def affine(inputs: Any, scale: np.ndarray, shift: np.ndarray, name: str) -> Any:
-        layer = ChannelAffine(dtype=precision, name=name)
-        outputs = layer(inputs)
-        layer.set_weights([scale, shift])
-        return outputs
-
-    def prelu(inputs: Any, name: str) -> Any:
-        layer = layers.PReLU(shared_axes=[1, 2, 3], dtype=precision, name=name)
-        outputs = layer(inputs)
-        layer.set_weights([model.get_layer(name).get_weights()[0]])
-        return outputs
-
-    def pathway(inputs: Any, name: str, feature_channels: slice) -> tuple[Any, Any]:
-        """(raw output of the last layer or None, its BN-normalised version)."""
-        raw: list[Any] = [inputs]
-        activated = inputs
-        normalised = inputs
-        for number in range(1, depth + 1):
-            kernel = _weights(model, f"{name}_{number}_conv", "kernel")
-            bias = np.zeros(kernel.shape[-1])
-            if number == 1 and config.input_bias:
-                bias += _weights(model, f"{name}_1_input_bias", "bias")[0] * kernel.sum(axis=(0, 1, 2, 3))
-            if number < depth:
-                scale, shift = _batchnorm_affine(model.get_layer(f"{name}_{number + 1}_bn"))
-            else:
-                scale, shift = fc_scale[feature_channels], fc_shift[feature_channels]
-            keep_raw = number in residual or number in raw_needed or (number == depth and 0 in fc_raw_needed)
-            if keep_raw:
-                x = conv(activated, kernel, bias if np.any(bias) else None, f"{name}_{number}_conv")
-                if number in residual:
-                    crop = _residual_crop(kernels[number - 2 : number])  # type: ignore[index]
-                    x = ResidualAdd(crop=crop, dtype=precision, name=f"{name}_{number}_residual")([x, raw[number - 2]])
-                raw.append(x)
-                normalised = affine(x, scale, shift, f"{name}_{number}_affine")
-            else:
-                raw.append(None)
-                normalised = conv(activated, kernel * scale, bias * scale + shift, f"{name}_{number}_conv")
-            if number < depth:
-                activated = prelu(normalised, f"{name}_{number + 1}_prelu")
-        return raw[-1], normalised
-
-    hr = keras.Input(shape=(None, None, None, 1), name="hr")
-    lr = keras.Input(shape=(None, None, None, 1), name="lr")
-    normal_raw, normal = pathway(hr, "normal", slice(0, normal_width))
-    subsampled_raw, subsampled = pathway(lr, "subsampled", slice(normal_width, None))
-    factor = config.subsample_factor
-    subsampled = UpsampleRepeatCrop(factor=factor, dtype=precision, name="subsampled_upsample")(  # type: ignore[arg-type]
-        [subsampled, normal])
-    features = layers.Concatenate(axis=-1, dtype=precision, name="concatenate")([normal, subsampled])
-    outputs: list[Any] = [None]
-    if 0 in fc_raw_needed:
-        upsampled_raw = UpsampleRepeatCrop(factor=factor, dtype=precision, name="subsampled_upsample_raw")(  # type: ignore[arg-type]
-            [subsampled_raw, normal_raw])
-        outputs[0] = layers.Concatenate(axis=-1, dtype=precision, name="concatenate_raw")([normal_raw, upsampled_raw])
-    activated = prelu(features, "fc_1_prelu")
-    names = [f"fc_{number}" for number in range(1, len(config.fc_widths) + 1)] + ["classifier"]
-    x = activated
-    for index, name in enumerate(names):
-        number = index + 1
-        kernel = _weights(model, f"{name}_conv", "kernel")
-        if number == len(names):  # the classifier: no BN after it
-            x = conv(activated, kernel, None, f"{name}_conv")
-            if number in fc_residual:
-                x = ResidualAdd(dtype=precision, name=f"{name}_residual")([x, outputs[number - 2]])
-            break
-        scale, shift = _batchnorm_affine(model.get_layer(f"{names[index + 1]}_bn"))
-        if number in fc_residual or number in fc_raw_needed:
-            x = conv(activated, kernel, None, f"{name}_conv")
-            if number in fc_residual:
-                x = ResidualAdd(dtype=precision, name=f"{name}_residual")([x, outputs[number - 2]])
-            outputs.append(x)
-            normalised = affine(x, scale, shift, f"{name}_affine")
-        else:
-            outputs.append(None)
-            normalised = conv(activated, kernel * scale, shift, f"{name}_conv")
-        activated = prelu(normalised, f"{names[index + 1]}_prelu")
-    class_bias = ChannelBias(dtype="float32", name="class_bias")
-    logits = class_bias(x)
-    class_bias.set_weights(model.get_layer("class_bias").get_weights())
-    probabilities = layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
-    return keras.Model(inputs=[hr, lr], outputs=probabilities, name=f"{model.name}_folded")
 
 
 def predict_probabilities(model: keras.Model, hr: np.ndarray, lr: np.ndarray, batch_size: int = 10) -> np.ndarray:
