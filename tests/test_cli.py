@@ -71,3 +71,20 @@ def test_verbose_lets_tensorflow_speak(tiny_case, tmp_path) -> None:  # type: ig
     result = _predict(run, scan, tmp_path / "out", "--verbose")
     assert result.returncode == 0, result.stderr
     assert any(word in result.stderr for word in CHATTER)
+
+
+def test_long_tests_are_excluded_by_default_and_slow_ones_are_not(tmp_path: Path) -> None:
+    # setup.cfg's addopts deselect `long`; `make test-all` (-m "slow or long or not slow") brings it back.
+    repository = Path(__file__).resolve().parents[1]
+    (tmp_path / "test_marks.py").write_text(
+        "import pytest\n\n@pytest.mark.long\ndef test_long():\n    pass\n\n"
+        "@pytest.mark.slow\ndef test_slow():\n    pass\n\ndef test_plain():\n    pass\n"
+    )
+    base = [sys.executable, "-m", "pytest", "-c", str(repository / "setup.cfg"), "--rootdir", str(tmp_path),
+            "-p", "no:cacheprovider", "--collect-only", "-q", str(tmp_path / "test_marks.py")]
+    default = subprocess.run(base, capture_output=True, text=True, check=False, timeout=120)
+    assert "test_slow" in default.stdout and "test_plain" in default.stdout, default.stdout
+    assert "test_long" not in default.stdout and "1 deselected" in default.stdout
+    everything = subprocess.run([*base, "-m", "slow or long or not slow"], capture_output=True, text=True,
+                                check=False, timeout=120)
+    assert "test_long" in everything.stdout, everything.stdout

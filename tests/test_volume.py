@@ -650,3 +650,13 @@ def test_frame_and_dicom_names_are_importable_from_volume() -> None:
     for name in ("Volume", "SourceGrid", "internal_grid", "to_internal", "to_source", "voxel_to_world", "world_to_voxel"):
         assert getattr(volume, name) is getattr(frame, name)
     assert volume.load_dicom_series is dicom.load_dicom_series
+
+
+def test_truncated_dicom_slice_is_named_truncated_not_compressed(tmp_path: Path) -> None:
+    origins = [(0.0, 0.0, 2.0 * k) for k in range(4)]
+    write_synthetic_series(tmp_path / "series", origins, point_pixels(8, 6, 4, row=2, column=3, at_slice=1))
+    victim = sorted((tmp_path / "series").iterdir())[1]
+    victim.write_bytes(victim.read_bytes()[:-40])  # cut inside the pixel data
+    with pytest.raises(InputError, match="truncated or corrupt") as caught:
+        load_scan(tmp_path / "series")
+    assert "pylibjpeg" not in str(caught.value) and victim.name in str(caught.value)

@@ -2,8 +2,16 @@
 
 Subcommands live in ``vfdetect/commands/<module>.py`` and are imported only when invoked, so
 ``vfdetect --help`` and the commands that do not need TensorFlow start fast. Library code raises
-:class:`vfdetect.errors.VfdetectError`; this module turns it into a one-line message on stderr
-and exit status 1.
+:class:`vfdetect.errors.VfdetectError`; this module turns it into a one-line message on stderr.
+
+Every error is one line in one style, ``vfdetect: error: <file>: <problem>`` (or
+``vfdetect: error: <problem>`` when no file is at fault), and no traceback:
+
+- exit status 2: a usage error found while parsing the command line (an unknown option, a value
+  out of an option's range, a missing argument), as is conventional; ``--help`` shows the usage;
+- exit status 1: everything else: bad input files, an output folder that cannot be written, a
+  full disk (:class:`OSError`), a scan too large for memory (:class:`MemoryError`), failed cases;
+- exit status 130: interrupted (Ctrl-C).
 
 TensorFlow's start-up chatter (oneDNN notices, CUDA probing errors, absl warnings) is hidden unless
 ``vfdetect --verbose``. ``--device`` (or ``$VFDETECT_DEVICE``) chooses where the network runs:
@@ -14,6 +22,7 @@ not probed; ``cpu`` never uses a GPU; ``gpu`` leaves every device visible. A
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -28,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "phantoms": ("phantoms", "Generate the synthetic spine CT dataset (scans, centroids, grades, manifest)."),
     "synth-labels": ("synth_labels", "Build label images (ellipsoids) from centroids and Genant grades."),
     "simulate-fractures": ("simulate_fractures", "Plant Genant-graded compression fractures into real CT scans with vertebra masks."),
+    "preprocess": ("preprocess", "Cache the prepared scans and labels of a manifest for faster training."),
     "train": ("train", "Train the dual-pathway network on a manifest and its label images."),
     "predict": ("predict", "Predict fracture probability maps and vertebra/patient scores."),
     "models": ("models", "List the trained models bundled with this installation."),
@@ -55,12 +65,50 @@ class LazyGroup(click.Group):
         command.name = cmd_name
         return command
 
-    def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[no-untyped-def,override]
+        """Run the command line; in standalone mode every error becomes one line (see the module docstring)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            return super().invoke(ctx)
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as done:  # pragma: no cover - click returns it in non-standalone mode
+            sys.exit(done.exit_code)
+        except click.exceptions.Abort:
+            click.echo("vfdetect: error: interrupted", err=True)
+            sys.exit(130)
+        except click.UsageError as error:
+            sys.exit(_usage_error(error))
+        except click.ClickException as error:
+            click.echo(f"vfdetect: error: {error.format_message()}", err=True)
+            sys.exit(error.exit_code)
         except VfdetectError as error:
             click.echo(f"vfdetect: error: {error}", err=True)
-            ctx.exit(1)
+            sys.exit(1)
+        except OSError as error:
+            click.echo(f"vfdetect: error: {describe_os_error(error)}", err=True)
+            sys.exit(1)
+        except MemoryError:
+            click.echo("vfdetect: error: out of memory (a scan too large for this machine? try a smaller "
+                       "--memory-gib or fewer --workers)", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def _usage_error(error: click.UsageError) -> int:
+    """Print a usage error as one line (plus where to find the usage); its exit status (2)."""
+    command = error.ctx.command_path if error.ctx is not None else "vfdetect"
+    message = " ".join(error.format_message().split())
+    click.echo(f"vfdetect: error: {message} (see `{command} --help`)", err=True)
+    return error.exit_code
+
+
+def describe_os_error(error: OSError) -> str:
+    """``<file>: <problem>`` for an operating-system error (permission denied, disk full, ...)."""
+    problem = error.strerror or str(error) or type(error).__name__
+    if getattr(error, "errno", None) == errno.ENOSPC:
+        problem = f"{problem}; free some space and run again (files being written were not completed)"
+    filename = error.filename if error.filename is not None else None
+    return f"{filename}: {problem}" if filename is not None else problem
 
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "gpu")

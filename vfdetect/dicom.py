@@ -134,6 +134,11 @@ def load_dicom_series(folder: Path) -> tuple[Volume, SourceGrid]:
         if uneven:
             raise InputError(folder, "series has both gantry tilt and uneven slice spacing; resample it to an even, untilted grid first")
 
+    from vfdetect.volume import MAX_VOXELS
+
+    if rows * columns * len(headers) > MAX_VOXELS:
+        raise InputError(folder, f"DICOM series of {len(headers)} slices of {rows}x{columns} pixels is larger than the "
+                                 f"{MAX_VOXELS:,} voxels vfdetect loads")
     array = np.empty((columns, rows, len(headers)), dtype=np.float32)
     for index, (entry, _) in enumerate(headers):
         full = None
@@ -141,12 +146,7 @@ def load_dicom_series(folder: Path) -> tuple[Volume, SourceGrid]:
             full = pydicom.dcmread(entry)
             pixels = full.pixel_array
         except Exception as error:  # decoder plugins raise many types
-            syntax = getattr(getattr(full, "file_meta", None), "TransferSyntaxUID", "unknown")
-            raise InputError(
-                entry,
-                f"DICOM pixel data cannot be decoded (transfer syntax {syntax}; compressed data may need"
-                f" `pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg`): {describe_error(error)}",
-            ) from error
+            raise InputError(entry, _decode_problem(full, error)) from error
         if pixels.shape != (rows, columns):
             raise InputError(entry, f"pixel array has shape {pixels.shape}, expected {rows}x{columns}")
         slope = float(full.get("RescaleSlope", 1.0) or 1.0)
@@ -200,6 +200,19 @@ def load_dicom_series(folder: Path) -> tuple[Volume, SourceGrid]:
     description = str(first.get("SeriesDescription", "") or "").strip()
     header["descrip"] = f"DICOM {description}"[:79].encode("ascii", "replace")
     return volume, SourceGrid(volume.shape, affine, header, source)
+
+
+def _decode_problem(dataset: object, error: BaseException) -> str:
+    """Why a slice's pixel data could not be read: truncated or corrupt, or compressed without a decoder."""
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    if dataset is None or syntax is None:
+        return f"DICOM slice cannot be read; file truncated or corrupt? ({describe_error(error)})"
+    if not getattr(syntax, "is_compressed", True):
+        return (f"DICOM pixel data is truncated or corrupt (uncompressed transfer syntax {syntax}): "
+                f"{describe_error(error)}")
+    return (f"DICOM pixel data cannot be decoded (compressed transfer syntax {syntax}; it may need"
+            f" `pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg`, or the file is truncated):"
+            f" {describe_error(error)}")
 
 
 def _resample_slices(array: np.ndarray, relative: np.ndarray, spacing: float) -> tuple[np.ndarray, int]:

@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +46,59 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, obj: Any, indent: int = 2) -> None:
     """Write ``obj`` as JSON to ``path`` atomically."""
     write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def check_writable_folder(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and check that files can be written there; the folder.
+
+    A probe file is created and removed, so that an unwritable folder (permissions, read-only
+    file system, a full disk) stops a command before any computation rather than after it.
+    Raises :class:`vfdetect.errors.InputError` naming the folder.
+    """
+    from vfdetect.errors import InputError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(folder, "output folder is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".vfdetect-write-probe.", dir=folder)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as error:
+        raise InputError(folder, f"cannot write to the output folder ({error.strerror or error})") from None
+    return folder
+
+
+def refuse_overwriting_inputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path | None]) -> None:
+    """Raise :class:`vfdetect.errors.InputError` when an output path is (resolves to) one of the inputs.
+
+    Paths are compared after resolving symbolic links, so a link or a ``..`` detour does not hide a
+    clash; an input folder (a DICOM series) also protects every file inside it.
+    """
+    from vfdetect.errors import InputError
+
+    protected: set[Path] = set()
+    folders: list[Path] = []
+    for given in inputs:
+        if given is None:
+            continue
+        resolved = Path(given).resolve()
+        if resolved.is_dir():
+            folders.append(resolved)
+        else:
+            protected.add(resolved)
+    for output in outputs:
+        resolved = Path(output).resolve()
+        if resolved in protected or any(resolved == folder or folder in resolved.parents for folder in folders):
+            raise InputError(output, "this output would overwrite an input file; choose another output folder")
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)

@@ -45,6 +45,8 @@ __all__ = [
     "default_grades_path",
     "resolve_data_root",
     "read_manifest_rows",
+    "case_id_problem",
+    "check_case_id",
     "row_label_scheme",
     "read_manifest",
     "write_manifest",
@@ -247,7 +249,17 @@ class FileIndex:
         """Every file or folder called ``name`` under the root (the tree is walked on the first call)."""
         if self._by_name is None:
             self._by_name = {}
+            visited: set[tuple[int, int]] = set()
             for folder, directories, files in os.walk(self.root, followlinks=True):
+                try:
+                    status = os.stat(folder)
+                except OSError:
+                    directories[:] = []
+                    continue
+                if (status.st_dev, status.st_ino) in visited:  # a symbolic-link loop: walk each folder once
+                    directories[:] = []
+                    continue
+                visited.add((status.st_dev, status.st_ino))
                 directories[:] = [name for name in directories if not name.startswith(".")]
                 for entry in (*directories, *files):
                     self._by_name.setdefault(entry, []).append(Path(folder) / entry)
@@ -350,8 +362,43 @@ def _with_case_ids(
             raise InputError(path, f"line {line}: empty case id")
         if case in seen:
             raise InputError(path, f"line {line}: duplicate case id {case!r} (first on line {seen[case]})")
+        problem = case_id_problem(case)
+        if problem:
+            raise InputError(path, f"line {line}: case id {case!r} {problem}")
         seen[case] = line
         yield line, case, row
+
+
+CASE_ID_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-+")
+"""Characters a case id may hold: it names files and folders (``<case>_labels.nii.gz``, ``<out>/<case>/``)."""
+
+
+def case_id_problem(case: str) -> str | None:
+    """Why ``case`` cannot be a case id (None when it can).
+
+    A case id names output files and folders, so it must stay inside the output folder: letters,
+    digits, ``.``, ``_``, ``-`` and ``+`` only (no path separator, no space), not starting with a dot
+    (no ``..``, no hidden file), at most 200 characters.
+    """
+    if not case:
+        return "is empty"
+    if len(case) > 200:
+        return "is longer than 200 characters"
+    if case.startswith("."):
+        return "starts with a dot; case ids name output files and folders"
+    bad = sorted(set(case) - CASE_ID_CHARACTERS)
+    if bad:
+        return (f"holds {', '.join(repr(c) for c in bad)}; case ids name output files and folders and may "
+                "hold only letters, digits, '.', '_', '-' and '+'")
+    return None
+
+
+def check_case_id(case: str, source: str | Path | None = None) -> str:
+    """``case`` when it is a valid case id (:func:`case_id_problem`); else :class:`InputError` naming ``source``."""
+    problem = case_id_problem(case)
+    if problem:
+        raise InputError(source, f"case id {case!r} {problem}")
+    return case
 
 
 def row_label_scheme(manifest: str | Path, line: int, case: str, row: Mapping[str, str]) -> str:

@@ -14,11 +14,12 @@ Affines follow nibabel: a 4x4 matrix mapping voxel indices ``(i, j, k, 1)`` to w
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import zlib
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import nibabel as nib
 import numpy as np
@@ -55,6 +56,9 @@ __all__ = [
     "voxel_to_world",
     "world_to_voxel",
     "HU_RANGE",
+    "MAX_VOXELS",
+    "check_ct_intensities",
+    "check_ct_scan",
 ]
 
 #: HU range that :func:`normalise` clips to before taking statistics: air (and the -2000/-3024 padding
@@ -62,6 +66,15 @@ __all__ = [
 HU_RANGE: tuple[float, float] = (-1024.0, 3071.0)
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+#: Largest scan accepted, in voxels (2**31: 8 GiB as float32, four times a 512 x 512 x 2048 whole-body
+#: CT). A header claiming more is refused before any voxel memory is allocated.
+MAX_VOXELS: int = 2**31
+
+#: HU plausibility (:func:`check_ct_intensities`): a CT in Hounsfield units holds air or fat (at or
+#: below ``CT_LOW_HU``) and bone (at or above ``CT_BONE_HU``) somewhere.
+CT_LOW_HU: float = -50.0
+CT_BONE_HU: float = 150.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,7 +98,7 @@ def load_scan(path: str | Path | nib.Nifti1Image) -> tuple[Volume, SourceGrid]:
         return _finish_scan(array, image, source)
     path = Path(path).expanduser()
     if not path.exists():
-        raise InputError(path, "file or folder not found")
+        raise InputError(path, _missing_problem(path, "file or folder not found"))
     if path.is_dir():
         return load_dicom_series(path)
     image = _open_nifti(path)
@@ -105,7 +118,7 @@ def load_label_image(path: str | Path | nib.Nifti1Image) -> tuple[Volume, Source
     else:
         path = Path(path).expanduser()
         if not path.exists():
-            raise InputError(path, "file not found")
+            raise InputError(path, _missing_problem(path, "file not found"))
         if path.is_dir():
             raise InputError(path, "is a folder; a label image must be a NIfTI file (.nii or .nii.gz)")
         image = _open_nifti(path)
@@ -127,6 +140,21 @@ def load_label_image(path: str | Path | nib.Nifti1Image) -> tuple[Volume, Source
     volume = Volume(np.ascontiguousarray(array), _image_affine(image))
     check_affine(volume.affine, source)
     return volume, SourceGrid(volume.shape, volume.affine.copy(), header, source)
+
+
+def _missing_problem(path: Path, default: str) -> str:
+    """Why ``path`` cannot be opened although it was named: a symbolic-link loop, a dangling link, or missing."""
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:
+            return "symbolic link loop"
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                return "symbolic link loop"
+            return "symbolic link to a missing file"
+        return "symbolic link cannot be followed"
+    return default
 
 
 def _smallest_integer_array(array: np.ndarray) -> np.ndarray:
@@ -167,7 +195,47 @@ def _open_nifti(path: Path) -> nib.spatialimages.SpatialImage:
         raise InputError(path, f"cannot be read as NIfTI ({describe_error(error)})") from error
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(path, f"not a NIfTI image (nibabel read it as {type(image).__name__})")
+    check_header(image, str(path), _raw_header(path, image))
     return image
+
+
+def _raw_header(path: Path, image: nib.spatialimages.SpatialImage) -> Any:
+    """The header as stored in the file, before nibabel's silent repairs (e.g. negative pixdim -> abs)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            header_class: Any = type(image.header)
+            return header_class.from_fileobj(handle, check=False)
+    except Exception:  # nibabel read it once already; fall back to its (repaired) header
+        return image.header
+
+
+def check_header(image: nib.spatialimages.SpatialImage, source: str, header: Any = None) -> None:
+    """Refuse, from the header alone, a scan too large to load or with a zero or negative voxel size.
+
+    Raises :class:`InputError` when the header claims more than :data:`MAX_VOXELS` voxels (before any
+    memory is allocated) or when a spatial ``pixdim`` is zero, negative or not finite (nibabel would
+    otherwise repair it silently, and the scan's size in mm would be a guess). ``header`` is the
+    header as stored in the file (default: ``image.header``).
+    """
+    shape = tuple(int(n) for n in image.shape)
+    voxels = 1
+    for n in shape:
+        voxels *= max(n, 0)
+    if voxels > MAX_VOXELS:
+        raise InputError(
+            source, f"header claims {' x '.join(str(n) for n in shape)} = {voxels:,} voxels, more than the "
+            f"{MAX_VOXELS:,} vfdetect loads; a corrupt header or not a single CT scan?"
+        )
+    header = image.header if header is None else header
+    if isinstance(header, nib.Nifti1Header):
+        spatial = min(3, len(shape))
+        pixdim = np.asarray(header["pixdim"][1 : 1 + spatial], dtype=np.float64)
+        if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+            raise InputError(
+                source, f"header voxel size (pixdim) {', '.join(f'{v:g}' for v in pixdim)} is not positive; "
+                "fix the header (the voxel size in mm) before using the scan"
+            )
 
 
 def _is_truncated(path: Path) -> bool:
@@ -252,6 +320,39 @@ def _finish_scan(array: np.ndarray, image: nib.spatialimages.SpatialImage, sourc
     check_affine(affine, source)
     volume = Volume(np.ascontiguousarray(array, dtype=np.float32), affine)
     return volume, SourceGrid(volume.shape, affine.copy(), _header_for(image), source)
+def check_ct_intensities(array: np.ndarray, source: str) -> None:
+    """Refuse a volume whose intensities cannot be a CT scan in Hounsfield units.
+
+    A CT of a body in HU holds air or fat (a value at or below :data:`CT_LOW_HU`, -50 HU) and bone
+    (a value at or above :data:`CT_BONE_HU`, 150 HU). Refused with :class:`InputError`: a constant
+    (blank) volume, a volume without any value that low (e.g. unsigned stored values whose rescale
+    intercept was lost, 0..4095), and one without any value that high (e.g. intensities normalised
+    to 0..1, or an MR scan). Such scans are refused rather than warned about: the network would
+    otherwise find vertebrae in a blank volume and score normalised intensities as fractures.
+    """
+    finite = np.asarray(array)
+    low, high = float(finite.min()), float(finite.max())
+    if low == high:
+        raise InputError(source, f"the scan is blank: every voxel is {low:g}")
+    if high < CT_BONE_HU or low > CT_LOW_HU:
+        raise InputError(
+            source, f"intensities {low:g}..{high:g} are not CT Hounsfield units: a CT holds air or fat "
+            f"(<= {CT_LOW_HU:g} HU) and bone (>= {CT_BONE_HU:g} HU); was the scan normalised or its "
+            "rescale slope/intercept lost?"
+        )
+
+
+def check_ct_scan(path: str | Path) -> tuple[int, int, int]:
+    """Load the scan at ``path`` (see :func:`load_scan`) and check that it is a CT in HU; its shape.
+
+    Used by the command line before any work starts, so that a bad scan stops the run before
+    anything is written (:func:`check_ct_intensities`).
+    """
+    volume, grid = load_scan(path)
+    check_ct_intensities(volume.array, grid.source)
+    return volume.shape
+
+
 # --------------------------------------------------------------------------------------------------
 # Saving
 

@@ -22,7 +22,7 @@ import click
               help="Folder the manifest's relative paths start from.")
 @click.option("--grades", type=click.Path(path_type=Path), default=None, help="grades.csv of the manifest.")
 @click.option("--folds", "n_folds", type=click.IntRange(min=2), default=None, help="Number of folds [5].")
-@click.option("--seed", type=int, default=None, help="Seed of the split, the training and the bootstrap [0].")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed of the split, the training and the bootstrap [0].")
 @click.option("--min-grade", type=click.IntRange(1, 3), default=None,
               help="Genant grade from which a vertebra counts as fractured [1].")
 @click.option("--min-negatives-per-fold", type=click.IntRange(min=0), default=None,
@@ -66,6 +66,11 @@ def command(manifest: Path, out_dir: Path, config_path: Path | None, model_selec
     from vfdetect.vertebrae import read_manifest
 
     document: dict[str, Any] = cv.read_experiment(config_path) if config_path else {"experiment": "cv"}
+    if config_path is not None:
+        _check_experiment(config_path, document)
+    from vfdetect.fileio import check_writable_folder
+
+    check_writable_folder(out_dir)
     if model_selection:
         document["experiment"] = "model_selection"
     train_options: dict[str, Any] = dict(document.get("train", {}))
@@ -133,3 +138,18 @@ def command(manifest: Path, out_dir: Path, config_path: Path | None, model_selec
                    f"specificity {fmt(chosen['specificity'])} on the test folds")
     experiment = CvFolder(Path(out_dir))
     click.echo(f"written: {experiment.summary}, {experiment.evaluation.metrics_markdown}")
+
+
+def _check_experiment(path: Path, document: dict[str, Any]) -> None:
+    """Refuse unknown sections of an experiment file and unknown keys in each, before any work starts."""
+    from vfdetect.cv import CvConfig
+    from vfdetect.model_selection import ModelSelectionConfig
+    from vfdetect.predict import PredictConfig
+    from vfdetect.settings import check_sections, dataclass_keys
+    from vfdetect.train import TrainConfig
+
+    check_sections(path, document, {
+        "experiment": None, "description": None, "reproduces": None,
+        "cv": dataclass_keys(CvConfig), "model_selection": dataclass_keys(ModelSelectionConfig),
+        "train": dataclass_keys(TrainConfig), "predict": dataclass_keys(PredictConfig),
+    })

@@ -19,7 +19,7 @@ import click
               help="grades.csv (case,label,grade); default: <manifest>_grades.csv or grades.csv beside the manifest.")
 @click.option("--bootstrap", "n_bootstrap", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Bootstrap resamples of the cases (0: none).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap and the centroid noise.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the bootstrap and the centroid noise.")
 @click.option("--centroid-noise-mm", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Gaussian noise (sd per axis, mm) added to the centroids before re-scoring the vertebrae "
                    "from the saved probability maps (the paper used 3); the noisy ROC becomes the main "
@@ -48,6 +48,13 @@ def command(manifest: Path, pred_dir: Path, out_dir: Path, data_root: Path | Non
     if not pred_dir.is_dir():
         raise InputError(pred_dir, "prediction folder not found")
     cases = read_manifest(manifest, data_root=data_root, grades=grades)
+    from vfdetect.fileio import check_writable_folder, refuse_overwriting_inputs
+    from vfdetect.layout import fixed_files
+    from vfdetect.manifest import default_grades_path
+
+    refuse_overwriting_inputs(fixed_files(EvaluationFolder(out_dir)),
+                              [manifest, grades or default_grades_path(manifest), pred_dir])
+    check_writable_folder(out_dir)
     metrics = evaluate_predictions(
         cases, pred_dir, out_dir, min_grade=min_grade, n_bootstrap=n_bootstrap, seed=seed,
         centroid_noise_mm=centroid_noise_mm, noise_draws=noise_draws, vertebra_threshold=vertebra_threshold,

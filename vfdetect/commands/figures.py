@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -27,14 +28,43 @@ def command(directory: Path, out_dir: Path | None, manifest: Path | None, data_r
     folder (cv.json: the same from its pooled evaluation), or a model-selection folder
     (model_selection.json: Figure 3).
     """
-    from vfdetect.figures import draw_figures
 
     cases = None
     if manifest is not None:
         from vfdetect.vertebrae import read_manifest
 
         cases = read_manifest(manifest, data_root=data_root, grades=grades)
-    written = draw_figures(directory, out_dir, manifest_cases=cases, cases_per_figure=cases_per_figure)
+    written = _draw_all_or_none(directory, out_dir, cases, cases_per_figure)
     if not quiet:
         for path in written:
             click.echo(f"written: {path}")
+
+
+def _draw_all_or_none(directory: Path, out_dir: Path | None, cases: Any, cases_per_figure: int) -> list[Path]:
+    """Draw the figures into a temporary folder beside the output folder and move them into place only
+    when every figure was drawn: a failure leaves no figure of this run behind."""
+    import os
+    import shutil
+    import tempfile
+
+    from vfdetect.errors import InputError
+    from vfdetect.figures import draw_figures
+    from vfdetect.fileio import check_writable_folder
+    from vfdetect.layout import figures_dir
+
+    if not Path(directory).is_dir():
+        raise InputError(directory, "folder not found")
+    final = Path(out_dir) if out_dir is not None else figures_dir(Path(directory))
+    check_writable_folder(final)
+    staging = Path(tempfile.mkdtemp(prefix=".figures-", dir=final.parent))
+    try:
+        drawn = draw_figures(directory, staging, manifest_cases=cases, cases_per_figure=cases_per_figure)
+        written = []
+        for path in drawn:
+            target = final / Path(path).relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            written.append(target)
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

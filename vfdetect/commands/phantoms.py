@@ -12,7 +12,7 @@ import click
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder (created if missing).")
 @click.option("--cases", type=click.IntRange(min=1), default=20, show_default=True, help="Number of phantom scans.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same dataset).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed (same seed, same dataset).")
 @click.option("--small", is_flag=True, help="Tiny 1 mm phantoms (about 100x100x140 voxels) for tests and demos.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Parallel processes (the output does not depend on it).")
@@ -44,6 +44,9 @@ def command(out_dir: Path, cases: int, seed: int, small: bool, workers: int,
         config = dataclasses.replace(config, negative_fraction=negative_fraction)
     if density_fracture_correlation:
         config = dataclasses.replace(config, density_fracture_correlation=True)
+    from vfdetect.fileio import check_writable_folder
+
+    check_writable_folder(out_dir)
     manifest = write_phantom_dataset(out_dir, cases, seed, config, quiet=quiet, workers=workers)
     if not quiet:
         click.echo(f"wrote {cases} phantom case(s); manifest: {manifest}")
@@ -52,18 +55,13 @@ def command(out_dir: Path, cases: int, seed: int, small: bool, workers: int,
 def _with_file_settings(config: Any, path: Path) -> Any:
     """``config`` with the settings of the JSON file ``path`` (lists become tuples); unknown keys refused."""
     import dataclasses
-    import json
 
-    from vfdetect.errors import InputError, VfdetectError, refuse_unknown_fields
+    from vfdetect.errors import InputError, VfdetectError
+    from vfdetect.settings import Layer, dataclass_keys, read_settings_file, resolve_settings
 
+    values = resolve_settings(dataclass_keys(type(config)), [Layer(path, read_settings_file(path, "phantom settings"))],
+                              what="phantom setting(s)")
     try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise InputError(path, f"unreadable JSON: {error}") from None
-    if not isinstance(values, dict):
-        raise InputError(path, "phantom settings must be a JSON object")
-    try:
-        refuse_unknown_fields(type(config), values, "phantom setting(s)")
         return dataclasses.replace(
             config, **{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
         )

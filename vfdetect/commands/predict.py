@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -53,12 +54,12 @@ def _is_run_folder(path: Path) -> bool:
     default=None,
     help="Name of the lowest vertebra found when localising (e.g. L5); without it names are guessed.",
 )
-@click.option("--patient-threshold", type=float, default=None,
+@click.option("--patient-threshold", type=click.FloatRange(0, 1), default=None,
               help="The patient is called 'fracture' when its score (the highest vertebra score) reaches this "
               "[default: the model's own patient_threshold, else 0.5].")
-@click.option("--vertebra-threshold", type=float, default=0.5, show_default=True,
+@click.option("--vertebra-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="A vertebra is predicted fractured when its score reaches this.")
-@click.option("--probability-threshold", type=float, default=0.5, show_default=True,
+@click.option("--probability-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Secondary information only: the report's largest_component_mm3 is the largest connected "
               "component of p(fracture) >= this.")
 @click.option("--noise-threshold-mm3", type=float, default=None, hidden=True,
@@ -66,18 +67,18 @@ def _is_run_folder(path: Path) -> bool:
 @click.option("--region", type=click.Choice(["spine", "whole"]), default="spine", show_default=True,
               help="spine: run the network only around the vertebral column (given centroids, else found in "
               "bone); whole: over the whole volume.")
-@click.option("--cube-edge-mm", type=float, default=10.0, show_default=True,
+@click.option("--cube-edge-mm", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="Edge of the cube averaged around each centroid.")
-@click.option("--sigma-mm", type=float, default=5.0, show_default=True,
+@click.option("--sigma-mm", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Gaussian weighting of the cube by distance to the centroid (0: plain mean).")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Arithmetic of the network (BatchNorm always folded into the convolutions). auto: bfloat16 on "
               "CPUs with native bf16 (AVX512-BF16, AMX), about 1.4x faster with vertebra scores within 0.01 of "
               "float32; else float32.")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Tiles per network call.")
-@click.option("--memory-gib", type=float, default=4.0, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Tiles per network call.")
+@click.option("--memory-gib", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
               help="Memory budget that sets the tile size.")
-@click.option("--threads", type=int, default=2, show_default=True, help="TensorFlow intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1, max=1024), default=2, show_default=True, help="TensorFlow intra-op threads.")
 @click.option("--no-overlay", is_flag=True, help="Do not draw overlay.png.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def command(
@@ -114,9 +115,12 @@ def command(
 
     Writes per case DIR/<case>/probabilities.nii.gz (channel 0 p(fracture), channel 1 p(vertebra),
     on the input's own grid), labels.nii.gz, report.json, report.csv and overlay.png, and
-    DIR/summary.csv. A case that fails is reported and skipped; the exit status is 1 if any failed.
+    DIR/summary.csv. A case that fails is reported and skipped; the exit status is 1 if any failed,
+    and when every case fails no summary is written. Scans are checked before the network runs: a
+    blank volume, or intensities that cannot be CT Hounsfield units, fail their case.
     """
     from vfdetect.errors import VfdetectError
+    from vfdetect.fileio import write_bytes_atomic
     from vfdetect.predict import (
         CaseFailure,
         PredictConfig,
@@ -157,10 +161,27 @@ def command(
         memory_budget_bytes=int(memory_gib * 1024**3),
         write_overlay=not no_overlay,
     )
-    predictor = load_predictor(model, precision=precision, threads=threads)
+    cases = read_manifest(manifest, data_root=data_root) if manifest is not None else None
+    out_existed = out_dir.exists()
+    _check_before_work(inputs, cases, manifest, centroids, model, out_dir)
+    # A scan that cannot be read or is not a CT in HU is reported and skipped before the network runs.
     failures: list[CaseFailure] = []
-    if manifest is not None:
-        cases = read_manifest(manifest, data_root=data_root)
+    if cases is not None:
+        cases = [case for case in cases if _scan_is_usable(case.image, case.case, failures)]
+    else:
+        inputs = tuple(path for path in inputs if _scan_is_usable(path, input_case_name(path), failures))
+    if failures and not (cases or inputs):
+        for failure in failures:
+            click.echo(f"vfdetect: error: case {failure.case}: {failure.error}", err=True)
+        if not out_existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        if len(failures) > 1:
+            click.echo(f"vfdetect: every case failed ({len(failures)}); nothing written", err=True)
+        click.get_current_context().exit(1)
+    predictor = load_predictor(model, precision=precision, threads=threads)
+    summary = out_dir / "summary.csv"
+    previous_summary = summary.read_bytes() if summary.is_file() else None
+    if cases is not None:
         results = predict_cases(predictor, cases, out_dir, config=config, quiet=quiet, failures=failures)
     elif centroids is not None:
         results = [
@@ -178,6 +199,73 @@ def command(
             click.echo(f"{result.case}: {patient_summary(result.report)}, flagged: {', '.join(flagged) or 'none'}")
     for failure in failures:
         click.echo(f"vfdetect: error: case {failure.case}: {failure.error}", err=True)
+    if failures and not results:
+        # No summary of nothing: put back what was there before this run.
+        if previous_summary is None:
+            summary.unlink(missing_ok=True)
+        else:
+            write_bytes_atomic(summary, previous_summary)
+        click.echo(f"vfdetect: every case failed ({len(failures)}); no summary written", err=True)
+        click.get_current_context().exit(1)
     if failures:
         click.echo(f"vfdetect: {len(failures)} of {len(failures) + len(results)} cases failed", err=True)
         click.get_current_context().exit(1)
+
+
+def input_case_name(path: Path) -> str:
+    """The case name ``vfdetect predict`` gives a SCAN: its file name without ``.nii[.gz]`` and ``_ct``."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    if name.endswith("_ct"):
+        name = name[: -len("_ct")]
+    return name or "case"
+
+
+def _check_before_work(inputs: tuple[Path, ...], cases: list[Any] | None, manifest: Path | None,
+                       centroids: Path | None, model: Path | None, out_dir: Path) -> None:
+    """Everything that can be checked before the network runs, so that a bad input writes nothing.
+
+    Case names (safe and distinct), the model's configuration (unknown keys, variant) and the output
+    folder (writable, no output on an input).
+    """
+    from vfdetect.errors import InputError
+    from vfdetect.fileio import check_writable_folder, refuse_overwriting_inputs
+    from vfdetect.layout import CaseFolder, PredictionFolder, fixed_files
+    from vfdetect.manifest import check_case_id
+    from vfdetect.predict import resolve_model
+    from vfdetect.settings import check_model_config, read_settings_file
+
+    if cases is not None:
+        named = [(case.case, case.image) for case in cases]
+        sources: list[Path | None] = [manifest, *(c.image for c in cases), *(c.centroids for c in cases),
+                                      *(c.body_mask for c in cases)]
+    else:
+        named = [(check_case_id(input_case_name(path), path), path) for path in inputs]
+        sources = [*inputs, centroids]
+    seen: dict[str, Path] = {}
+    for name, image in named:
+        if name in seen:
+            raise InputError(image, f"gives the same case name {name!r} as {seen[name]}; rename one of them")
+        seen[name] = image
+    weights, config_path, _ = resolve_model(model)
+    check_model_config(config_path, read_settings_file(config_path, "a model configuration"))
+    folder = PredictionFolder(out_dir)
+    outputs = [folder.summary_csv, *(path for name in seen for path in fixed_files(CaseFolder(out_dir / name)))]
+    refuse_overwriting_inputs(outputs, [*sources, weights, config_path])
+    check_writable_folder(out_dir)
+
+
+def _scan_is_usable(image: Path, case: str, failures: list[Any]) -> bool:
+    """Whether ``image`` loads as a CT in HU; if not, the reason is added to ``failures``."""
+    from vfdetect.errors import VfdetectError
+    from vfdetect.predict import CaseFailure
+    from vfdetect.volume import check_ct_scan
+
+    try:
+        check_ct_scan(image)
+    except VfdetectError as error:
+        failures.append(CaseFailure(case, str(error)))
+        return False
+    return True

@@ -11,7 +11,7 @@ import click
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder (must not exist or be empty).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same bytes).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed (same seed, same bytes).")
 @click.option("--copies", type=click.IntRange(min=1), default=1, show_default=True,
               help="Simulated copies of every scan (<case>-sim1, <case>-sim2, ...).")
 @click.option("--fracture-prevalence", type=click.FloatRange(0.0, 1.0), default=0.19, show_default=True,

@@ -38,19 +38,19 @@ import click
 )
 @click.option(
     "--along-fraction",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Ellipsoid semi-axis along the spine, as a fraction of the level spacing (default 0.4).",
 )
 @click.option(
     "--left-right-fraction",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Semi-axis left-right, as a fraction of the level spacing (default 0.55).",
 )
 @click.option(
     "--anterior-posterior-fraction",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Semi-axis antero-posterior, as a fraction of the level spacing (default 0.42).",
 )
@@ -108,6 +108,28 @@ def command(
     }
     config = LabelConfig(**overrides)
     cases = read_manifest(manifest, data_root=data_root, grades=grades)
+    _check_before_work(manifest, grades, cases, out_dir)
     written = synthesize_manifest_labels(cases, out_dir, config=config, preview=preview, quiet=quiet)
     if not quiet:
         click.echo(f"wrote {len(written)} label image(s) to {out_dir}")
+
+
+def _check_before_work(manifest: Path, grades: Path | None, cases: list[Any], out_dir: Path) -> None:
+    """Refuse cases without centroids (their label image would be all background), outputs that would
+    overwrite an input, and an unwritable output folder, before any label image is written."""
+    from vfdetect.errors import InputError
+    from vfdetect.fileio import check_writable_folder, refuse_overwriting_inputs
+    from vfdetect.layout import LabelFolder
+
+    without = [case.case for case in cases if case.centroids is None]
+    if without:
+        raise InputError(manifest, f"{len(without)} case(s) without centroids ({', '.join(without[:5])}); "
+                                   "label images need a centroids file (VerSe JSON or vertebra mask) per case")
+    folder = LabelFolder(out_dir)
+    outputs = [folder.config, *(path for case in cases for path in (folder.image(case.case), folder.preview(case.case)))]
+    from vfdetect.manifest import default_grades_path
+
+    inputs = [manifest, grades or default_grades_path(manifest), *(case.image for case in cases), *(case.centroids for case in cases),
+              *(case.body_mask for case in cases)]
+    refuse_overwriting_inputs(outputs, inputs)
+    check_writable_folder(out_dir)

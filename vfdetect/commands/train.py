@@ -82,6 +82,8 @@ _CONFIG_OPTIONS: dict[str, str] = {
               help="JSON file of TrainConfig settings; options given here override it. With --resume the "
                    "run's own settings are used instead.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Preprocessing cache (`vfdetect preprocess`); missing or stale cases are prepared and added.")
 @click.option("--quiet", is_flag=True, help="No progress bars or summary.")
 def command(
     manifest: Path,
@@ -91,6 +93,7 @@ def command(
     grades: Path | None,
     config_file: Path | None,
     resume: bool,
+    cache_dir: Path | None,
     quiet: bool,
     randomise: bool | None,
     **options: Any,
@@ -101,36 +104,65 @@ def command(
     validation segments (ties: mean recall of the normal and fracture classes); see report.json's
     checkpoint_selection. Label voxels 255 (vertebrae of unknown class) add no loss.
     """
-    from vfdetect.errors import InputError
+    from vfdetect.errors import InputError, VfdetectError
     from vfdetect.labels import read_label_min_grade
+    from vfdetect.settings import Layer, dataclass_keys, read_settings_file, resolve_settings
     from vfdetect.train import TrainConfig, run_training
     from vfdetect.vertebrae import read_manifest
 
-    settings: dict[str, Any] = {}
     saved_config = run_dir / "config.json"
-    if resume and saved_config.is_file():
-        try:
-            settings.update(json.loads(saved_config.read_text())["train_config"])
-        except (OSError, KeyError, ValueError) as error:
-            raise InputError(saved_config, f"unreadable run configuration: {error}") from None
+    if resume and not saved_config.is_file():
+        raise InputError(run_dir, "holds no training run to resume (no config.json); leave out --resume to start one")
+    layers = [Layer("defaults", {})]
+    if resume:
+        saved = read_settings_file(saved_config, "a run configuration")
+        if not isinstance(saved.get("train_config"), dict):
+            raise InputError(saved_config, "unreadable run configuration: no 'train_config' object")
+        layers.append(Layer(saved_config, saved["train_config"]))
     elif config_file is not None:
-        try:
-            settings.update(json.loads(config_file.read_text()))
-        except (OSError, ValueError) as error:
-            raise InputError(config_file, f"unreadable JSON: {error}") from None
-    settings.update({_CONFIG_OPTIONS[name]: value for name, value in options.items() if value is not None})
+        layers.append(Layer(config_file, read_settings_file(config_file, "training settings")))
+    layers.append(Layer("command line", {_CONFIG_OPTIONS[name]: value for name, value in options.items()}))
+    settings = resolve_settings(dataclass_keys(TrainConfig), layers, what="training setting(s)")
     if "min_grade" not in settings:
         label_min_grade = read_label_min_grade(labels_dir)
         if label_min_grade is not None:
             settings["min_grade"] = label_min_grade
     if randomise is not None:
         settings["sampling"] = _sampling_with_randomise(settings.get("sampling") or {}, randomise).to_dict()
-    config = TrainConfig.from_dict(settings)  # a bad setting raises TrainConfigError naming it
+    try:
+        config = TrainConfig.from_dict(settings)  # a bad setting raises TrainConfigError naming it
+    except (VfdetectError, TypeError) as error:
+        source = layers[1].source if len(layers) > 2 else "command line"
+        raise InputError(source if isinstance(source, Path) else None, str(error)) from None
 
     cases = read_manifest(manifest, data_root=data_root, grades=grades)
-    run_training(cases, labels_dir, run_dir, config, resume=resume, quiet=quiet)
+    _check_before_work(manifest, grades, cases, labels_dir, run_dir)
+    run_training(cases, labels_dir, run_dir, config, resume=resume, quiet=quiet, cache_dir=cache_dir)
     if not quiet:
         click.echo(_summary(run_dir))
+
+
+def _check_before_work(manifest: Path, grades: Path | None, cases: list[Any], labels_dir: Path, run_dir: Path) -> None:
+    """Refuse, before training starts: cases without centroids (their label images would hold no
+    vertebra), scans that are not CT in HU, an unwritable run folder and run files that are inputs."""
+    from vfdetect.errors import InputError
+    from vfdetect.fileio import check_writable_folder, refuse_overwriting_inputs
+    from vfdetect.layout import LabelFolder, RunFolder, fixed_files
+    from vfdetect.volume import check_ct_scan
+
+    without = [case.case for case in cases if case.centroids is None]
+    if without:
+        raise InputError(manifest, f"{len(without)} case(s) without centroids ({', '.join(without[:5])}); "
+                                   "training needs every vertebra annotated (a centroids column with a file per case)")
+    labels = LabelFolder(labels_dir)
+    from vfdetect.manifest import default_grades_path
+
+    inputs = [manifest, grades or default_grades_path(manifest), *(case.image for case in cases), *(case.centroids for case in cases),
+              *(labels.image(case.case) for case in cases)]
+    refuse_overwriting_inputs(fixed_files(RunFolder(run_dir)), inputs)
+    check_writable_folder(run_dir)
+    for case in cases:
+        check_ct_scan(case.image)
 
 
 def _sampling_with_randomise(values: Any, randomise: bool) -> Any:
