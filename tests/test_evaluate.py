@@ -307,11 +307,91 @@ def test_map_scores_without_noise_reproduce_report_scores(tmp_path: Path) -> Non
     rescored = ev.map_vertebra_scores(loaded.vertebrae, loaded.report_dirs, 0.0, 2, None, loaded.score_options)
     report_scores = np.array([r.fracture_probability for r in loaded.vertebrae])
     np.testing.assert_allclose(rescored.clean, report_scores, rtol=0, atol=1e-6)
+    assert rescored.sources == {"case0": "probabilities.nii.gz"}  # no scores map: the input-grid map
     np.testing.assert_array_equal(rescored.noisy, np.vstack([rescored.clean, rescored.clean]))
     jittered = ev.map_vertebra_scores(loaded.vertebrae, loaded.report_dirs, 3.0, 2, np.random.default_rng(0),
                                       loaded.score_options)
     np.testing.assert_array_equal(jittered.clean, rescored.clean)  # same map, same scoring
     assert not np.allclose(jittered.noisy, rescored.noisy)
+
+
+def _bone_stand_in(hr: np.ndarray, lr: np.ndarray) -> np.ndarray:
+    """A stand-in network: p(vertebra) rises with the intensity at the output voxel, split 0.7 / 0.3."""
+    from vfdetect.geometry import geometry_for
+
+    geometry = geometry_for("3d")
+    margin, field = geometry.margin()[0][0], geometry.receptive_field[0]
+    out = [n - field + 1 for n in hr.shape[1:4]]
+    centre = hr[:, margin : margin + out[0], margin : margin + out[1], margin : margin + out[2], 0]
+    vertebra = 1.0 / (1.0 + np.exp(-4.0 * (centre - 1.5)))
+    return np.stack([1.0 - vertebra, 0.7 * vertebra, 0.3 * vertebra], axis=-1)
+
+
+def test_noise_free_rescoring_of_a_prediction_gives_back_its_report_scores(tmp_path: Path) -> None:
+    """Re-scoring reads scores_map.nii.gz, the internal-grid map predict_case scored: noise 0 gives
+    report.json's scores, and noisy centroids read what the full internal map holds (zero outside the
+    saved crop); without the scores map, probabilities.nii.gz is read and metrics.json says so."""
+    from vfdetect.aggregate import vertebra_scores
+    from vfdetect.phantom import PhantomConfig, generate_phantom
+    from vfdetect.predict import PredictConfig, predict_case
+    from vfdetect.predictor import Predictor
+    from vfdetect.vertebrae import Vertebra
+    from vfdetect.volume import Volume
+
+    phantom = generate_phantom("p5", np.random.default_rng(5), PhantomConfig.small())
+    predictor = Predictor(model=None, config={"variant": "3d", "spacing": 1.0}, fn=_bone_stand_in)
+    pred_dir = tmp_path / "pred"
+    config = PredictConfig(write_overlay=False, keep_maps=True, sigma_mm=4.0)  # float16 map, as by default
+    given = phantom.vertebrae[1:3]  # the region (and the saved crop) covers these two only
+    labels = [v.label for v in given]
+    cases, results = [], {}
+    for name, fractured in (("a", None), ("b", labels[1])):
+        results[name] = predict_case(predictor, phantom.image, given, case=name, out_dir=pred_dir, config=config)
+        cases.append(_Case(name, {label: 2 if label == fractured else 0 for label in labels}))
+    loaded = ev.load_predictions(cases, pred_dir)
+    report_scores = np.array([r.fracture_probability for r in loaded.vertebrae])
+    saved = json.loads((pred_dir / "a" / "report.json").read_text())
+    assert saved["thresholds"]["sigma_mm"] == 4.0 and loaded.score_options["a"]["sigma_mm"] == 4.0
+
+    rescored = ev.map_vertebra_scores(loaded.vertebrae, loaded.report_dirs, 0.0, 1, None, loaded.score_options)
+    assert rescored.sources == {"a": "scores_map.nii.gz", "b": "scores_map.nii.gz"}
+    np.testing.assert_allclose(rescored.clean, report_scores, rtol=0, atol=1e-6)
+
+    # Noise large enough (30 mm) for cubes to leave the saved crop: the values read are the full internal map's.
+    sd = 30.0
+    noisy = ev.map_vertebra_scores(loaded.vertebrae, loaded.report_dirs, sd, 3, np.random.default_rng(7),
+                                   loaded.score_options)
+    noise = np.random.default_rng(7).normal(0.0, sd, size=(3, len(loaded.vertebrae), 3))
+    full = results["a"].probabilities
+    fracture = Volume(np.asarray(full.array)[..., 2], full.affine)
+    members = [k for k, r in enumerate(loaded.vertebrae) if r.case == "a"]
+    for draw in range(3):
+        moved = [Vertebra(v.label, tuple(np.asarray(v.position_mm) + noise[draw, k]))
+                 for v, k in zip(given, members, strict=True)]
+        expected = [s["fracture_probability"] for s in vertebra_scores(fracture, moved, sigma_mm=4.0)]
+        np.testing.assert_allclose(noisy.noisy[draw, members], np.nan_to_num(expected, nan=0.0), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(noisy.clean, rescored.clean)
+
+    metrics = ev.evaluate_predictions(cases, pred_dir, tmp_path / "eval", n_bootstrap=0, centroid_noise_mm=3.0,
+                                      noise_draws=2)
+    assert metrics["vertebra_scores_from"] == "scores_map.nii.gz"
+    assert metrics["vertebra_map_vs_report_max_abs_difference"] <= 1e-6
+    assert "vertebra_scores_from_probabilities_cases" not in metrics
+
+    # An older prediction (no scores map) falls back to the quantised input-grid map, and says so.
+    (pred_dir / "b" / "scores_map.nii.gz").unlink()
+    fallback = ev.map_vertebra_scores(loaded.vertebrae, loaded.report_dirs, 0.0, 0, None, loaded.score_options)
+    assert fallback.sources == {"a": "scores_map.nii.gz", "b": "probabilities.nii.gz"}
+    in_b = np.array([r.case == "b" for r in loaded.vertebrae])
+    np.testing.assert_allclose(fallback.clean[~in_b], report_scores[~in_b], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(fallback.clean[in_b], report_scores[in_b], rtol=0, atol=0.02)
+    mixed = ev.evaluate_predictions(cases, pred_dir, tmp_path / "eval_mixed", n_bootstrap=0, centroid_noise_mm=3.0,
+                                    noise_draws=2)
+    assert mixed["vertebra_scores_from"] == "scores_map.nii.gz + probabilities.nii.gz"
+    assert mixed["vertebra_scores_from_probabilities_cases"] == ["b"]
+    written = json.loads((tmp_path / "eval_mixed" / "metrics.json").read_text())
+    assert written["vertebra_scores_from_probabilities_cases"] == ["b"] and "older predictions" in written[
+        "vertebra_scores_note"]
 
 
 # ----------------------------------------------------------------------------------------------

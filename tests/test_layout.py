@@ -20,8 +20,8 @@ def test_names_inside_each_folder() -> None:
         "model.keras", "config.json", "log.csv", "report.json", "checkpoint"]
     case = PredictionFolder(Path("pred")).case("verse004")
     assert case.report == Path("pred/verse004/report.json")
-    assert [p.name for p in (case.probabilities, case.labels, case.overlay, case.report_csv)] == [
-        "probabilities.nii.gz", "labels.nii.gz", "overlay.png", "report.csv"]
+    assert [p.name for p in (case.scores_map, case.probabilities, case.labels, case.overlay, case.report_csv)] == [
+        "scores_map.nii.gz", "probabilities.nii.gz", "labels.nii.gz", "overlay.png", "report.csv"]
     assert PredictionFolder(Path("pred")).summary_csv == Path("pred/summary.csv")
     labels = LabelFolder(Path("labels"))
     assert labels.image("c1") == Path("labels/c1_labels.nii.gz") and labels.preview("c1").name == "c1_labels.png"

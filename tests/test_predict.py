@@ -461,6 +461,53 @@ def test_blank_volume_says_no_spine_found(tmp_path) -> None:  # type: ignore[no-
     assert report["region"]["computed_fraction"] == 0.0 and "no spine found" in report["warnings"][0]
 
 
+def test_scores_map_is_the_scored_internal_map_cropped_with_its_affine(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from vfdetect.aggregate import vertebra_scores
+    from vfdetect.case_outputs import read_scores_map
+    from vfdetect.volume import Volume
+
+    case = _phantom(6, ribs=False, pelvis=False)
+    predictor = Predictor(model=None, config={"variant": "3d", "spacing": 1.0}, fn=bone_stand_in)
+    given = case.vertebrae[1:3]
+    result = predict_case(predictor, case.image, given, case="p6", out_dir=tmp_path,
+                          config=PredictConfig(write_overlay=False, keep_maps=True))
+    internal = np.asarray(result.probabilities.array)
+    internal_affine = np.asarray(result.probabilities.affine)
+    path = tmp_path / "p6" / "scores_map.nii.gz"
+    assert result.paths["scores_map"] == path
+    image = nib.load(path)
+    assert image.get_data_dtype() == np.float32 and image.ndim == 4 and image.shape[3] == 2
+    assert np.prod(image.shape[:3]) < 0.8 * np.prod(internal.shape[:3])  # cropped to the computed voxels
+    data = np.asarray(image.dataobj)
+    saved = read_scores_map(path)
+    assert saved.grid_shape == internal.shape[:3]
+    np.testing.assert_array_equal(saved.grid_affine, internal_affine)
+    # A known world point: the internal voxel of highest p(fracture) and a centroid land on the same values.
+    peak = np.array(np.unravel_index(np.argmax(internal[..., 2]), internal.shape[:3]))
+    centroid_voxel = np.rint(np.linalg.inv(internal_affine) @ np.array([*given[0].position_mm, 1.0]))[:3].astype(int)
+    for voxel in (peak, centroid_voxel):
+        world = internal_affine @ np.array([*voxel, 1.0])
+        in_crop = np.linalg.inv(image.affine) @ world
+        np.testing.assert_allclose(in_crop[:3], np.rint(in_crop[:3]), atol=1e-3)
+        index = tuple(np.rint(in_crop[:3]).astype(int))
+        assert data[index][0] == np.float32(internal[(*voxel, 2)]) > 0
+        assert data[index][1] == np.float32(internal[(*voxel, 1)]) > 0
+        np.testing.assert_array_equal(np.asarray(saved.crop_start) + index, voxel)
+    # Outside the crop the internal map is background; the exact centroids are recorded.
+    outside = np.ones(internal.shape[:3], dtype=bool)
+    outside[tuple(slice(a, a + n) for a, n in zip(saved.crop_start, image.shape[:3], strict=True))] = False
+    assert not internal[outside][:, 1:].any()
+    assert saved.centroids == tuple((v.label, tuple(v.position_mm)) for v in given)
+    # The saved crop, widened with zeros, scores the vertebrae exactly as the report did.
+    centres = np.array([v.position_mm for v in given])
+    volume = saved.covering(np.concatenate([centres - 10, centres + 10]))
+    rescored = [s["fracture_probability"] for s in vertebra_scores(volume, given)]
+    np.testing.assert_allclose(rescored, _scores(result), rtol=0, atol=1e-6)
+    fracture = Volume(internal[..., 2], internal_affine)
+    np.testing.assert_allclose(rescored, [s["fracture_probability"] for s in vertebra_scores(fracture, given)],
+                               rtol=0, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tiles fitted to the region, precision choice
 

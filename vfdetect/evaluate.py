@@ -7,8 +7,10 @@ of :mod:`vfdetect.metrics`), and the results are written as files (listed in
 :func:`evaluate_predictions`) that :mod:`vfdetect.figures` draws from.
 
 **Centroid noise** (paper section 4): Gaussian noise of a given sd per axis is added to the
-centroids and the vertebrae are re-scored from the saved probability maps
-(:func:`vfdetect.aggregate.vertebra_scores`).
+centroids and the vertebrae are re-scored (:func:`vfdetect.aggregate.vertebra_scores`, the
+prediction's cube and sigma) from the saved map they were scored on, ``scores_map.nii.gz``
+(internal grid; older predictions without it fall back to ``probabilities.nii.gz``), see
+:func:`map_vertebra_scores`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from vfdetect.jsonutil import json_safe
 from vfdetect.layout import (
     CASE_REPORT_NAME,
     PROBABILITIES_NAME,
+    SCORES_MAP_NAME,
     CaseFolder,
     EvaluationFolder,
     find_case_report,
@@ -136,20 +139,48 @@ def read_probability_map(path: Path, channel: int = 0) -> Any:
 
 @dataclass(frozen=True, eq=False)
 class MapScores:
-    """Vertebra scores re-computed from the saved probability maps, in the order of the records.
+    """Vertebra scores re-computed from the saved maps, in the order of the records.
 
     ``clean[k]`` scores vertebra ``k`` at its own centroid; ``noisy[d, k]`` after noise draw ``d``
     (``noisy`` has no rows without noise). Both come from the same map, the same grid and the same
-    scoring options, so their difference is the centroid noise alone.
+    scoring options, so their difference is the centroid noise alone. ``sources`` names, per case,
+    the file the scores were read from: ``scores_map.nii.gz`` (the internal-grid map the prediction
+    scored, so noise 0 gives back report.json's scores) or, for predictions without it,
+    ``probabilities.nii.gz`` (the quantised input-grid map).
     """
 
     clean: np.ndarray
     noisy: np.ndarray
     sd_mm: float
+    sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_draws(self) -> int:
         return int(self.noisy.shape[0])
+
+
+def _exact_centroids(saved: Any, records: Sequence[VertebraRecord], members: list[int],
+                     centroids: np.ndarray) -> np.ndarray:
+    """The centroids of ``members`` as the prediction scored them: the scores map's full-precision
+    positions where they match the report's (rounded) ``centroid_mm``, else the report's."""
+    by_label: dict[int, list[np.ndarray]] = {}
+    for label, position in saved.centroids:
+        by_label.setdefault(int(label), []).append(np.asarray(position, dtype=np.float64))
+    exact = centroids[members].copy()
+    for row, k in enumerate(members):
+        candidates = by_label.get(records[k].label, [])
+        if len(candidates) == 1 and np.all(np.abs(candidates[0] - exact[row]) <= 0.0051):
+            exact[row] = candidates[0]
+    return exact
+
+
+def _cube_reach(options: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest offsets (mm) of the scoring cube's sample points under ``options``."""
+    from vfdetect.aggregate import DEFAULT_CUBE_EDGE_MM, DEFAULT_STEP_MM, cube_offsets
+
+    offsets = cube_offsets(float(options.get("cube_edge_mm", DEFAULT_CUBE_EDGE_MM)),
+                           float(options.get("step_mm", DEFAULT_STEP_MM)))
+    return offsets.min(axis=0), offsets.max(axis=0)
 
 
 def map_vertebra_scores(
@@ -161,8 +192,15 @@ def map_vertebra_scores(
     case_score_options: Mapping[str, Mapping[str, Any]] | None = None,
     **score_options: Any,
 ) -> MapScores:
-    """Score every vertebra from its case's saved ``probabilities.nii.gz``, at its centroid and after
-    ``n_draws`` draws of Gaussian centroid noise (sd ``sd_mm`` per axis, paper: 3 mm).
+    """Score every vertebra from its case's saved map, at its centroid and after ``n_draws`` draws
+    of Gaussian centroid noise (sd ``sd_mm`` per axis, paper: 3 mm).
+
+    The map is ``scores_map.nii.gz`` when the case folder has it: the internal-grid p(fracture) the
+    prediction scored, with the full grid it lay on (zero outside the saved crop) and the exact
+    centroids (report.json rounds them to 0.01 mm), so that noise 0 with the prediction's options
+    gives back report.json's scores. Older predictions without it are scored from
+    ``probabilities.nii.gz`` (input grid, steps of 1/255), which only approximates them;
+    :attr:`MapScores.sources` says which file each case used.
 
     All noise is drawn at once from ``rng``, shape ``(n_draws, vertebrae, 3)`` in the order of
     ``records``. A centroid whose cube lies wholly outside the map scores 0 (no evidence of a
@@ -171,6 +209,7 @@ def map_vertebra_scores(
     go to :func:`vfdetect.aggregate.vertebra_scores`.
     """
     from vfdetect.aggregate import vertebra_scores
+    from vfdetect.case_outputs import read_scores_map
     from vfdetect.vertebrae import Vertebra
 
     if sd_mm < 0 or not math.isfinite(sd_mm):
@@ -190,9 +229,23 @@ def map_vertebra_scores(
         (n_draws, len(records), 3))
     clean = np.zeros(len(records))
     noisy = np.zeros((n_draws, len(records)))
+    sources: dict[str, str] = {}
     for case, members in by_case.items():
-        volume = read_probability_map(CaseFolder(Path(report_dirs[case])).probabilities)
+        folder = CaseFolder(Path(report_dirs[case]))
         options = {**dict((case_score_options or {}).get(case, {})), **score_options}
+        at = centroids[members]
+        if folder.scores_map.is_file():
+            saved = read_scores_map(folder.scores_map)
+            at = _exact_centroids(saved, records, members, centroids)
+            low, high = _cube_reach(options)
+            points = np.concatenate([at[None], at[None] + noise[:, members]], axis=0).reshape(-1, 3)
+            box = np.array([points.min(axis=0) + low, points.max(axis=0) + high])
+            corners = np.array([[box[i, 0], box[j, 1], box[k, 2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+            volume = saved.covering(corners, "fracture")
+            sources[case] = SCORES_MAP_NAME
+        else:
+            volume = read_probability_map(folder.probabilities)
+            sources[case] = PROBABILITIES_NAME
 
         def score(points: np.ndarray, members: list[int] = members, volume: Any = volume,
                   options: dict[str, Any] = options) -> np.ndarray:
@@ -201,10 +254,10 @@ def map_vertebra_scores(
             values = np.array([float(v["fracture_probability"]) for v in vertebra_scores(volume, vertebrae, **options)])
             return np.where(np.isfinite(values), values, 0.0)
 
-        clean[members] = score(centroids[members])
+        clean[members] = score(at)
         for draw in range(n_draws):
-            noisy[draw, members] = score(centroids[members] + noise[draw, members])
-    return MapScores(clean, noisy, float(sd_mm))
+            noisy[draw, members] = score(at + noise[draw, members])
+    return MapScores(clean, noisy, float(sd_mm), sources)
 
 
 def rescore_with_centroid_noise(
@@ -297,13 +350,16 @@ def evaluate_predictions(
     ``pred_dir`` is a prediction folder (``<pred_dir>/<case>/report.json``) or several, searched in
     order (the pooled out-of-fold evaluation of :mod:`vfdetect.cv`).
 
-    With ``centroid_noise_mm > 0`` (paper: 3) every vertebra is scored from the saved
-    ``probabilities.nii.gz`` twice over: at its centroid and after ``noise_draws`` draws of Gaussian
+    With ``centroid_noise_mm > 0`` (paper: 3) every vertebra is scored from the saved map
+    (:func:`map_vertebra_scores`: ``scores_map.nii.gz``, else ``probabilities.nii.gz``) twice over: at its centroid and after ``noise_draws`` draws of Gaussian
     centroid noise (seeded by ``seed``; the bootstrap uses an independent stream of the same seed).
     The noisy ROC (draws pooled) is the main vertebra-level result, the noise-free one from the same
     maps is secondary, and the largest difference between the noise-free map scores and the scores
-    in report.json is reported (``vertebra_map_vs_report_max_abs_difference``). Without noise the
-    scores of report.json are used as they are. ``patient_score_thresholds`` and
+    in report.json is reported (``vertebra_map_vs_report_max_abs_difference``; 0 up to rounding
+    when every case has its scores map and ``score_options`` override nothing);
+    ``vertebra_scores_from`` names the file(s) read, and the cases that fell back to
+    ``probabilities.nii.gz`` are listed in ``vertebra_scores_from_probabilities_cases``. Without
+    noise the scores of report.json are used as they are. ``patient_score_thresholds`` and
     ``patient_threshold_note`` go to :func:`vfdetect.evaluation.evaluate_records`.
 
     Writes ``metrics.json`` (``vertebra_auc``, ``vertebra_auc_sd``, ``patient_auc``,
@@ -322,6 +378,7 @@ def evaluate_predictions(
     noise_seed, bootstrap_seed = np.random.SeedSequence(seed).spawn(2)
     noisy: np.ndarray | None = None
     differences: np.ndarray | None = None
+    rescored: MapScores | None = None
     if centroid_noise_mm > 0:
         if noise_draws < 1:
             raise VfdetectError("centroid noise needs at least one noise draw")
@@ -340,7 +397,17 @@ def evaluate_predictions(
     metrics = result["metrics"]
     metrics["seed"] = seed
     metrics["centroid_noise_mm"] = centroid_noise_mm
-    metrics["vertebra_scores_from"] = CASE_REPORT_NAME if noisy is None else PROBABILITIES_NAME
+    metrics["vertebra_scores_from"] = CASE_REPORT_NAME
+    if rescored is not None:
+        files = sorted(set(rescored.sources.values()), key=[SCORES_MAP_NAME, PROBABILITIES_NAME].index)
+        metrics["vertebra_scores_from"] = " + ".join(files)
+        fallback = sorted(case for case, name in rescored.sources.items() if name == PROBABILITIES_NAME)
+        if fallback:
+            metrics["vertebra_scores_from_probabilities_cases"] = fallback
+            metrics["vertebra_scores_note"] = (
+                f"{len(fallback)} case(s) have no {SCORES_MAP_NAME} (older predictions): their vertebrae were "
+                f"re-scored from {PROBABILITIES_NAME} (input grid, steps of 1/255), which only approximates "
+                "the scores of report.json")
     if differences is not None:
         metrics["vertebra_map_vs_report_max_abs_difference"] = float(differences.max()) if differences.size else None
         metrics["vertebra_map_vs_report_mean_abs_difference"] = float(differences.mean()) if differences.size else None

@@ -6,8 +6,8 @@ read here)::
 
     run folder        model.keras  model_last.keras  config.json  log.csv  report.json  tensorboard/
                       checkpoint/last.npz  workers/<type>-<index>/ (a run folder per non-chief worker)
-    prediction folder <case>/{report.json, report.csv, probabilities.nii.gz, labels.nii.gz, overlay.png}
-                      summary.csv
+    prediction folder <case>/{report.json, report.csv, scores_map.nii.gz, probabilities.nii.gz, labels.nii.gz,
+                      overlay.png}  summary.csv
     label folder      <case>_labels.nii.gz  <case>_labels.png (preview)  label_config.json
     evaluation folder metrics.json  metrics.md  roc.npz  roc_vertebra.csv  roc_patient_hull.csv
                       patient_operating_points.csv  roc_bootstrap_mean.csv  vertebrae.csv
@@ -27,6 +27,7 @@ from typing import Any, Generic, TypeVar
 
 CASE_REPORT_NAME = "report.json"
 PROBABILITIES_NAME = "probabilities.nii.gz"
+SCORES_MAP_NAME = "scores_map.nii.gz"
 LABELS_SUFFIX = "_labels.nii.gz"
 METRICS_NAME = "metrics.json"
 
@@ -80,11 +81,20 @@ class RunFolder:
 
 @dataclass(frozen=True)
 class CaseFolder:
-    """One case's prediction outputs: ``<prediction folder>/<case>/``."""
+    """One case's prediction outputs: ``<prediction folder>/<case>/``.
+
+    ``scores_map``: the map the vertebra scores were computed from, on the internal RAS grid (1 mm
+    at the bundled spacing): float32 channels p(fracture), p(normal), cropped to the voxels the
+    network computed plus the scoring cube's margin, with the affine of the crop; a header extension
+    records the full grid and the exact centroids scored (:func:`vfdetect.case_outputs.write_scores_map`).
+    ``probabilities``: the same maps resampled onto the input scan's grid and stored in steps of
+    1/255, for viewing beside the scan; ``labels``: the argmax classes on that grid.
+    """
 
     path: Path
     report = _File(CASE_REPORT_NAME)
     report_csv = _File("report.csv")
+    scores_map = _File(SCORES_MAP_NAME)
     probabilities = _File(PROBABILITIES_NAME)
     labels = _File("labels.nii.gz")
     overlay = _File("overlay.png")

@@ -178,7 +178,7 @@ class PredictConfig:
     measured. ``region``: ``"spine"`` (default) runs the network only where a vertebra can be
     (:func:`inference_region`, tuned by ``spine_region``), ``"whole"`` over the whole volume
     (skipping air tiles with ``skip_air``). ``map_dtype`` is the dtype of the internal probability
-    map (float16 halves its memory; the files store probabilities in steps of 1/255 anyway).
+    map (float16 halves its memory; the scores and the scores map use the values of this map).
     ``memory_budget_bytes`` covers the map, the normalised scan, the body mask and the overlay's
     copy of the scan.
     """
@@ -319,7 +319,9 @@ def predict_case(
     threshold (:meth:`PredictConfig.resolved_patient_threshold`); with no vertebra the score is NaN,
     the decision None, and the report carries the warning "no spine found".
 
-    With ``out_dir``, writes ``out_dir/<case>/``: ``probabilities.nii.gz`` (input grid; uint8
+    With ``out_dir``, writes ``out_dir/<case>/``: ``scores_map.nii.gz`` (the internal-grid map the
+    vertebrae were scored on, float32 p(fracture) and p(normal), cropped to the computed voxels; see
+    :func:`vfdetect.case_outputs.write_scores_map`), ``probabilities.nii.gz`` (input grid; uint8
     scaled 1/255; channel 0 p(fracture), channel 1 p(normal) + p(fracture)), ``labels.nii.gz``
     (argmax 0/1/2), ``report.json``, ``report.csv`` and ``overlay.png``, each atomically
     (report.json last).
@@ -398,7 +400,8 @@ def predict_case(
     if out_dir is not None:
         tick = time.perf_counter()
         folder = PredictionFolder(Path(out_dir)).case(name)
-        paths = write_case_files(folder, report, probabilities, affine, spacing, grid, vertebrae, overlay_hu)
+        paths = write_case_files(folder, report, probabilities, affine, spacing, grid, vertebrae, overlay_hu,
+                                 cube_edge_mm=config.cube_edge_mm)
         timings["writing_s"] = time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - started
         paths["report"] = folder.report

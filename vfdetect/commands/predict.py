@@ -114,7 +114,8 @@ def command(
     vertebra given or found the score is empty and the case is reported as "no spine found".
 
     Writes per case DIR/<case>/probabilities.nii.gz (channel 0 p(fracture), channel 1 p(vertebra),
-    on the input's own grid), labels.nii.gz, report.json, report.csv and overlay.png, and
+    on the input's own grid), labels.nii.gz, scores_map.nii.gz (the internal-grid maps the scores
+    were computed from), report.json, report.csv and overlay.png, and
     DIR/summary.csv. A case that fails is reported and skipped; the exit status is 1 if any failed,
     and when every case fails no summary is written. Scans are checked before the network runs: a
     blank volume, or intensities that cannot be CT Hounsfield units, fail their case.
