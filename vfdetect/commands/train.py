@@ -143,18 +143,20 @@ def command(
 
 
 def _check_before_work(manifest: Path, grades: Path | None, cases: list[Any], labels_dir: Path, run_dir: Path) -> None:
-    """Refuse, before training starts: cases without centroids (their label images would hold no
-    vertebra), scans that are not CT in HU, an unwritable run folder and run files that are inputs."""
+    """Refuse, before training starts: cases with neither centroids nor a label image (they would hold
+    no vertebra), scans that are not CT in HU, an unwritable run folder and run files that are inputs."""
     from vfdetect.errors import InputError
     from vfdetect.fileio import check_writable_folder, refuse_overwriting_inputs
     from vfdetect.layout import LabelFolder, RunFolder, fixed_files
     from vfdetect.volume import check_ct_scan
 
-    without = [case.case for case in cases if case.centroids is None]
-    if without:
-        raise InputError(manifest, f"{len(without)} case(s) without centroids ({', '.join(without[:5])}); "
-                                   "training needs every vertebra annotated (a centroids column with a file per case)")
     labels = LabelFolder(labels_dir)
+    # A case without centroids trains on a label image made elsewhere; with neither, it has no labels.
+    without = [case.case for case in cases if case.centroids is None and not labels.image(case.case).is_file()]
+    if without:
+        raise InputError(manifest, f"{len(without)} case(s) without centroids and without a label image in "
+                                   f"{labels_dir} ({', '.join(without[:5])}); training needs every vertebra "
+                                   "annotated (a centroids column with a file per case, or hand-made label images)")
     from vfdetect.manifest import default_grades_path
 
     inputs = [manifest, grades or default_grades_path(manifest), *(case.image for case in cases), *(case.centroids for case in cases),
