@@ -322,3 +322,32 @@ def test_default_stages_label_images_follow_min_grade(tmp_path: Path) -> None:
         values[min_grade] = labels[20, 20, 45]
         assert json.loads(LabelFolder(labels_dir).config.read_text())["min_grade"] == min_grade
     assert values[1] == FRACTURE and values[2] == IGNORE
+
+
+@pytest.mark.slow
+def test_default_stages_prepare_each_scan_once_for_all_folds(tmp_path: Path) -> None:
+    from vfdetect.manifest import Case
+    from vfdetect.vertebrae import Vertebra, write_centroids
+
+    cases = []
+    for index in range(3):
+        hu = np.full((48, 48, 90), -1000, dtype=np.int16)
+        hu[6:42, 6:42, :] = 30
+        hu[16:32, 14:34, 5:85] = 250 + 20 * index
+        image = tmp_path / f"c{index}_ct.nii.gz"
+        nib.save(nib.Nifti1Image(hu, np.eye(4)), image)
+        centroids = tmp_path / f"c{index}_ctd.json"
+        write_centroids(centroids, [Vertebra(20 + k, (24.0, 24.0, 20.0 + 25 * k)) for k in range(3)], np.eye(4))
+        cases.append(Case(f"c{index}", image, centroids, {20: 0, 21: 2, 22: 0}))
+    options = {"epochs": 1, "subepochs": 1, "segments_per_subepoch": 20, "validation_segments": 10,
+               "balanced_validation_segments": 10, "model_options": {"widths": [4] * 8, "fc_widths": [8, 8]}}
+    stages = default_stages(options, quiet=True)
+    labels_dir = tmp_path / "out" / "labels"
+    stages.synthesize_labels(cases, labels_dir)
+    stages.train(cases[:2], cases[2:], labels_dir, tmp_path / "out" / "fold0" / "run")
+    cache = tmp_path / "out" / "cache"
+    entries = sorted(path.name for path in cache.iterdir() if path.is_dir())
+    assert entries == ["c0", "c1", "c2"]
+    stamps = {name: (cache / name / "image.npy").stat().st_mtime_ns for name in entries}
+    stages.train(cases[1:], cases[:1], labels_dir, tmp_path / "out" / "fold1" / "run")
+    assert {name: (cache / name / "image.npy").stat().st_mtime_ns for name in entries} == stamps  # read, not rewritten

@@ -89,7 +89,9 @@ def default_stages(train_options: Mapping[str, Any] | None = None,
 
     ``train_options`` are :class:`vfdetect.train.TrainConfig` fields (its ``min_grade`` also sets the
     label images'), ``predict_options`` :class:`vfdetect.predict.PredictConfig` fields; TensorFlow is
-    imported only when a stage runs.
+    imported only when a stage runs. Training keeps a preprocessing cache (:mod:`vfdetect.preprocess`)
+    in ``cache`` beside the label folder, so that the folds and variants of one experiment prepare
+    each scan once.
     """
     train_options = dict(train_options or {})
     predict_options = dict(predict_options or {})
@@ -110,7 +112,7 @@ def default_stages(train_options: Mapping[str, Any] | None = None,
         run = RunFolder(Path(run_dir))
         resume = run.config.is_file() or run.checkpoint_dir.exists()
         return run_training(train_cases, labels_dir, run_dir, config, resume=resume, quiet=quiet,
-                            validation_cases=validation_cases or None)
+                            validation_cases=validation_cases or None, cache_dir=Path(labels_dir).parent / "cache")
 
     def predict(run_dir: Path, cases: Sequence[Any], pred_dir: Path) -> Any:
         from vfdetect.predict import PredictConfig, predict_cases
