@@ -114,7 +114,7 @@ def test_the_product_chain_learns_and_scores_unseen_phantoms(tmp_path: Path) -> 
                                           "validation_segments": 500, "balanced_validation_segments": 100}))
     invoke("train", data / "train.csv", "--labels", tmp_path / "labels", "--out", tmp_path / "run",
            "--config", train_settings, "--epochs", 8, "--subepochs", 4, "--segments-per-subepoch", 150,
-           "--seed", 4, "--validation-fraction", 0, "--quiet")
+           "--seed", 4, "--validation-fraction", 0, "--no-randomise", "--quiet")
     # The last epoch's weights, as tests/test_train.py's learning test scores them (model.keras is the
     # epoch chosen on validation segments, here drawn from the training cases).
     invoke("predict", "--manifest", data / "test.csv", "--model", tmp_path / "run" / "model_last.keras",
@@ -142,3 +142,16 @@ def test_the_product_chain_learns_and_scores_unseen_phantoms(tmp_path: Path) -> 
         outside.append(vertebra[far].mean())
     print("end-to-end p(vertebra) inside / away from the vertebrae:", np.round(inside, 3), np.round(outside, 3))
     assert min(inside) > INSIDE_MIN and max(outside) < OUTSIDE_MAX
+
+
+@pytest.mark.slow
+def test_train_command_randomises_new_runs_by_default(tmp_path: Path) -> None:
+    invoke("phantoms", "--out", tmp_path / "data", "--cases", 2, "--seed", 1, "--small", "--quiet")
+    invoke("synth-labels", tmp_path / "data" / "manifest.csv", "--out", tmp_path / "labels", "--no-preview", "--quiet")
+    tiny = ["--epochs", 1, "--subepochs", 1, "--segments-per-subepoch", 10, "--validation-segments", 10,
+            "--balanced-validation-segments", 10, "--validation-fraction", 0, "--quiet"]
+    for flag, expected in (([], True), (["--no-randomise"], False)):
+        run = tmp_path / f"run{expected}"
+        invoke("train", tmp_path / "data" / "manifest.csv", "--labels", tmp_path / "labels", "--out", run, *tiny, *flag)
+        sampling = json.loads((run / "config.json").read_text())["train_config"]["sampling"]
+        assert sampling["randomise"] is expected
