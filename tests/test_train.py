@@ -121,7 +121,7 @@ def _subprocess_env(**extra: str) -> dict[str, str]:
 def _cli_train(box_data: dict[str, Path], run_dir: Path, *options: str) -> list[str]:
     return [
         "train", str(box_data["manifest"]), "--labels", str(box_data["labels"]), "--out", str(run_dir),
-        "--config", str(box_data["config"]), "--quiet", *options,
+        "--config", str(box_data["config"]), "--quiet", "--no-randomise", *options,  # as TrainConfig() in-process
     ]
 
 
