@@ -91,6 +91,14 @@ def validation_threshold(run: Path, out: Path) -> dict[str, Any]:
     }
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return path.name
+
+
 def _cell(entry: dict[str, Any]) -> str:
     if entry.get("auc") is None:
         return "n/a"
@@ -162,7 +170,7 @@ def card_text(name: str, run: Path, results: list[dict[str, Any]], experiment: d
         "- Vertebrae must be found (given centroids, or the built-in localisation); a vertebra missed by "
         "the localisation gets no score.",
         "",
-        f"Written {datetime.date.today().isoformat()} from `{run}`.",
+        f"Written {datetime.date.today().isoformat()} from the run `{_shown(run)}`.",
         "",
     ]
     return "\n".join(lines)
