@@ -91,6 +91,21 @@ def validation_threshold(run: Path, out: Path) -> dict[str, Any]:
     }
 
 
+def _progress(report: dict[str, Any], train: dict[str, Any]) -> str:
+    """How far the run got and which epoch the shipped weights are."""
+    per_epoch = int(train["subepochs"]) * int(train["segments_per_subepoch"])
+    done, best = int(report.get("epochs_done", 0)), report.get("best_epoch")
+    trained = int(report.get("timings", {}).get("segments_trained", 0))
+    if report.get("status") == "finished":
+        text = f"The run finished ({trained:,} segments)."
+    else:
+        text = (f"The run was stopped after epoch {done} of {train['epochs']} ({trained:,} segments; "
+                "the full schedule is what `make bundled-model` runs).")
+    if best is not None:
+        text += f" The weights are those of epoch {best} ({int(best) * per_epoch:,} segments), the checkpoint rule's choice."
+    return text
+
+
 def _shown(path: Path) -> str:
     """``path`` relative to the repository when it lies inside it."""
     try:
@@ -137,9 +152,9 @@ def card_text(name: str, run: Path, results: list[dict[str, Any]], experiment: d
         f"sampling share of the real scans {experiment['real_share']}.",
         f"- Schedule {segments:,} training segments ({train['epochs']} epochs x {train['subepochs']} subepochs x "
         f"{train['segments_per_subepoch']}), batch {train['batch_size']}, {train['precision']}, domain "
-        f"randomisation on; {timings.get('segments_trained', 0):,} segments trained (run status: "
-        f"{report.get('status', 'unknown')}) in {timings.get('elapsed_s', float('nan')) / 60:.0f} min "
-        f"({timings.get('segments_per_s', float('nan')):.1f} segments/s) on {machine}.",
+        f"randomisation on. {_progress(report, train)} Training time "
+        f"{timings.get('elapsed_s', float('nan')) / 60:.0f} min ({timings.get('segments_per_s', float('nan')):.1f} "
+        f"segments/s) on {machine}.",
         f"- Checkpoint kept: {json.dumps(report.get('checkpoint_selection', {}).get('description', 'see run report'))}.",
         "",
         "## Measured (bootstrap over cases, n=1000)",
@@ -168,7 +183,11 @@ def card_text(name: str, run: Path, results: list[dict[str, Any]], experiment: d
         "- Scores are not calibrated probabilities. The patient threshold was chosen on validation cases "
         "of the training distribution.",
         "- Vertebrae must be found (given centroids, or the built-in localisation); a vertebra missed by "
-        "the localisation gets no score.",
+        "the localisation gets no score. On real scans the localisation without centroids also finds "
+        "bodies that are not vertebrae and guesses names: give centroids (a VerSe JSON, or a vertebra mask "
+        "such as TotalSegmentator's) whenever you can; the scores above use given centroids.",
+        "- A vertebra cut by the edge of the field of view can look collapsed and score high; such "
+        "vertebrae were left ungraded in the evaluation above.",
         "",
         f"Written {datetime.date.today().isoformat()} from the run `{_shown(run)}`.",
         "",

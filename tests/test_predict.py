@@ -594,3 +594,17 @@ def test_bfloat16_vertebra_scores_stay_within_0_01_of_float32(model) -> None:  #
         scores[precision] = np.array(_scores(result))
     assert len(scores["float32"]) == len(case.vertebrae) > 0
     assert np.abs(scores["bfloat16"] - scores["float32"]).max() <= 0.01
+
+
+def test_the_shipped_model_is_bundled_valid_and_small() -> None:
+    """The package ships its default model: listed, under 5 MB, a configuration predict accepts."""
+    from vfdetect.models import bundled_models, default_model
+    from vfdetect.settings import check_model_config
+
+    models = bundled_models()
+    assert models, "vfdetect/models/ holds no bundled model"
+    model = default_model()
+    assert model.weights.stat().st_size <= 5 * 1024 * 1024
+    check_model_config(model.config_path, model.config)
+    assert model.config["variant"] == "3d" and 0.0 < model.patient_threshold < 1.0
+    assert model.card is not None and model.card.is_file() and model.headline
