@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import with_random_statistics
 
 keras = pytest.importorskip("keras")
 
@@ -336,18 +337,7 @@ def test_model_builds_and_runs_under_jax(tmp_path: Path) -> None:
 
 
 def _with_random_statistics(model: keras.Model, seed: int) -> keras.Model:
-    """Non-trivial BatchNorm statistics, PReLU slopes and biases (an untrained model has identities)."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            shape = layer.gamma.shape
-            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.3, shape),
-                               rng.normal(0, 0.3, shape), rng.uniform(0.5, 2.0, shape)])
-        elif isinstance(layer, keras.layers.PReLU):
-            layer.set_weights([rng.uniform(0.0, 0.3, layer.alpha.shape)])
-        elif layer.name.endswith("input_bias") or layer.name == "class_bias":
-            layer.set_weights([rng.normal(0, 0.5, layer.bias.shape)])
-    return model
+    return with_random_statistics(model, seed)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import math
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import assert_png_has_content
+from conftest import assert_png_has_content, with_random_statistics
 
 from vfdetect.errors import VfdetectError
 from vfdetect.geometry import geometry_for
@@ -101,23 +101,11 @@ def test_predictor_with_a_wrong_output_shape_is_refused() -> None:
 
 @pytest.fixture(scope="module")
 def model():  # type: ignore[no-untyped-def]
-    import keras
 
     from vfdetect.model import build_model
 
     network = build_model("3d", seed=4)
-    rng = np.random.default_rng(0)
-    # Non-trivial BN statistics, PReLU slopes and biases so that folding is really tested.
-    for layer in network.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            shape = layer.gamma.shape
-            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.3, shape),
-                               rng.normal(0, 0.3, shape), rng.uniform(0.5, 2.0, shape)])
-        elif isinstance(layer, keras.layers.PReLU):
-            layer.set_weights([rng.uniform(0.0, 0.3, layer.alpha.shape)])
-        elif layer.name.endswith("input_bias") or layer.name == "class_bias":
-            layer.set_weights([rng.normal(0, 0.5, layer.bias.shape)])
-    return network
+    return with_random_statistics(network, 0)  # non-trivial BN statistics: folding really tested
 
 
 def test_model_single_tile_equals_small_tiles(model) -> None:  # type: ignore[no-untyped-def]
