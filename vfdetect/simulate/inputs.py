@@ -6,7 +6,6 @@ TotalSegmentator ``vertebrae_body``) becomes the VerSe label of each body voxel.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,13 @@ import nibabel as nib
 import numpy as np
 
 from vfdetect.errors import InputError, VfdetectError
-from vfdetect.manifest import DATA_ROOT_VARIABLE, FileIndex, read_csv_rows, resolve_entry
+from vfdetect.manifest import (
+    FileIndex,
+    read_manifest_rows,
+    resolve_data_root,
+    resolve_entry,
+    row_label_scheme,
+)
 from vfdetect.vertebrae import LABEL_NAMES, LABEL_SCHEMES
 from vfdetect.volume import SourceGrid, load_label_image, load_scan
 
@@ -42,34 +47,16 @@ def read_simulation_manifest(path: str | Path, data_root: str | Path | None = No
     ``$VFDETECT_DATA_ROOT``, else the manifest's folder, else by file name under the root.
     """
     path = Path(path)
-    if data_root is None:
-        data_root = os.environ.get(DATA_ROOT_VARIABLE) or None
-    root = Path(data_root) if data_root is not None else path.resolve().parent
-    if not root.is_dir():
-        raise InputError(root, "data root folder not found")
-    rows = read_csv_rows(path, ("case", "image"))
-    if not rows:
-        raise InputError(path, "the manifest lists no cases")
+    root = resolve_data_root(path, data_root)
     index = FileIndex(root)
     scans: list[SourceScan] = []
-    seen: set[str] = set()
-    for line, row in rows:
-        case = row["case"]
-        if not case:
-            raise InputError(path, f"line {line}: empty case id")
-        if case in seen:
-            raise InputError(path, f"line {line}: duplicate case id {case!r}")
-        seen.add(case)
+    for line, case, row in read_manifest_rows(path):
         mask_value = row.get("mask", "") or (
             row.get("centroids", "") if row.get("centroids", "").lower().endswith((".nii", ".nii.gz")) else ""
         )
         if not row["image"] or not mask_value:
             raise InputError(path, f"line {line} (case {case!r}): needs an image and a vertebra mask (column 'mask')")
-        scheme = row.get("label_scheme", "") or "verse"
-        if scheme not in LABEL_SCHEMES:
-            raise InputError(
-                path, f"line {line} (case {case!r}): unknown label_scheme {scheme!r} (known: {', '.join(LABEL_SCHEMES)})"
-            )
+        scheme = row_label_scheme(path, line, case, row)
         body_value = row.get("body_mask", "")
         scans.append(
             SourceScan(
