@@ -5,6 +5,7 @@
 #   make reproduce DATA=path/to/manifest.csv [DATA_ROOT=...]   the paper's protocol on any manifest
 #   make real-anatomy  leave-one-anatomy-out score on the real scans beside the repository (../shared/data/real)
 #   make bundled-model train the bundled model's recipe and package it into vfdetect/models/
+#   make model-selection-real  3d vs 5slices vs 1slice on the bundled model's data (after bundled-model)
 #
 # Installs into the active virtual environment when there is one, else creates ./.venv.
 
@@ -41,7 +42,7 @@ TRAIN_ARGS ?= --epochs $(DEMO_EPOCHS) --subepochs $(DEMO_SUBEPOCHS) --segments-p
               --precision mixed_bfloat16 --validation-segments 1000 --lr-patience 3
 
 .PHONY: install test test-all lint demo demo-clean demo-bundled phantoms labels train train-demo predict evaluate \
-        figures cv reproduce reproduce-small real-anatomy bundled-model simulate benchmarks clean
+        figures cv reproduce reproduce-small real-anatomy bundled-model model-selection-real simulate benchmarks clean
 
 install: $(STAMP)
 
@@ -119,6 +120,9 @@ real-anatomy: install
 bundled-model: install
 	$(PY) experiments/real_anatomy.py --config experiments/bundled_model.json --out work/bundled-model --data-root $(REAL_DATA)
 	$(PY) experiments/bundle_model.py work/bundled-model --name vfdetect-3d-realct
+
+model-selection-real: install
+	$(PY) experiments/real_anatomy.py --config experiments/model_selection_real.json --out work/bundled-model --data-root $(REAL_DATA)
 
 benchmarks: install
 	$(PY) benchmarks/bench_pipeline.py --out work/benchmarks/pipeline.json

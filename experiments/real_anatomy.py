@@ -16,7 +16,15 @@ same command continues an interrupted run::
 
     python experiments/real_anatomy.py --out work/real-anatomy [--recipes a,b,c,d] [--held-out sub-verse014]
 
-Writes ``real_anatomy.json`` and ``real_anatomy.md`` (the table) into ``--out``.
+Writes ``real_anatomy.json`` and ``real_anatomy.md`` (the table) into ``--out`` (another name with
+the configuration's ``"results_name"``).
+
+A recipe may override the training ``"variant"`` and ``"epochs"`` (model selection on the real-anatomy
+data: ``experiments/model_selection_real.json``), and may be the first epochs of another recipe's
+run (``"first_epochs_of": {"recipe": "d", "epochs": 10}``): with the same seed, data and plateau
+schedule the first N epochs of a longer run are exactly a run of N epochs, so its ``model.keras``
+is the kept epoch model (``"keep_epoch_models": true`` in the configuration) that the checkpoint
+rule would have chosen among epochs 1..N.
 """
 
 from __future__ import annotations
@@ -179,6 +187,9 @@ class Experiment:
 
     # -- training and scoring ----------------------------------------------------------------
     def train(self, recipe: str, held_out: str | None) -> Path:
+        spec = self.config["recipes"][recipe]
+        if "first_epochs_of" in spec:
+            return self.first_epochs(recipe, held_out)
         if self.score_only:
             name = recipe if held_out is None else f"{recipe}-without-{held_out}"
             run = self.out / "runs" / name / "run"
@@ -188,6 +199,7 @@ class Experiment:
         manifest = self.training_manifest(recipe, held_out)
         run = manifest.parent / "run"
         settings = dict(self.config["train"])
+        settings.update({key: spec[key] for key in ("variant", "epochs") if key in spec})
         config_file = manifest.parent / "train_config.json"
         config_file.write_text(json.dumps(settings, indent=2) + "\n")
         report = run / "report.json"
@@ -196,8 +208,39 @@ class Experiment:
             args = ["train", str(manifest), "--labels", str(manifest.parent / "labels"), "--out", str(run),
                     "--grades", str(manifest.parent / "train_grades.csv"), "--quiet"]
             args += ["--resume"] if (run / "config.json").is_file() else ["--config", str(config_file)]
-            args += ["--randomise"] if self.config["recipes"][recipe]["randomise"] else ["--no-randomise"]
+            args += ["--randomise"] if spec["randomise"] else ["--no-randomise"]
+            if self.config.get("keep_epoch_models"):
+                args += ["--keep-epoch-models"]
             _vfdetect(*args)
+        return run
+
+    def first_epochs(self, recipe: str, held_out: str | None) -> Path:
+        """A run folder holding the first ``epochs`` epochs of another recipe's (longer) run."""
+        source = self.config["recipes"][recipe]["first_epochs_of"]
+        epochs = int(source["epochs"])
+        suffix = "" if held_out is None else f"-without-{held_out}"
+        longer = self.out / "runs" / f"{source['recipe']}{suffix}" / "run"
+        log_path = longer / "log.csv"
+        log = _read_rows(log_path) if log_path.is_file() else []
+        if len(log) < epochs or not (longer / f"model_epoch{epochs:03d}.keras").is_file():
+            raise SystemExit(f"recipe {recipe}: {longer} has not kept {epochs} epoch models yet "
+                             "(train it first, with keep_epoch_models)")
+        report = json.loads((longer / "report.json").read_text())
+        rule = report["checkpoint_selection"]["rule"]
+        from vfdetect.train.selection import best_epoch_index
+
+        rows = [{k: (v if v not in ("", "nan") else None) for k, v in row.items()} for row in log[:epochs]]
+        best = best_epoch_index(rows, rule)  # the training loop's own rule, among epochs 1..N
+        run = self.out / "runs" / f"{recipe}{suffix}" / "run"
+        run.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(longer / f"model_epoch{best + 1:03d}.keras", run / "model.keras")
+        shutil.copyfile(longer / "config.json", run / "config.json")
+        train_config = json.loads((longer / "config.json").read_text())["train_config"]
+        per_subepoch = train_config["segments_per_subepoch"] // train_config["batch_size"] * train_config["batch_size"]
+        segments = epochs * train_config["subepochs"] * per_subepoch
+        derived = {"status": "finished", "derived_from": str(longer), "epochs": epochs, "selected_epoch": best + 1,
+                   "timings": {"segments_trained": segments}}
+        (run / "report.json").write_text(json.dumps(derived, indent=2) + "\n")
         return run
 
     def predict(self, run: Path, manifest: Path, out: Path) -> Path:
@@ -314,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     experiment = Experiment(config, args.out, args.data_root, args.score_only)
     n_bootstrap = int(config.get("n_bootstrap", 1000))
     phantom_test = experiment.phantoms("default", "test")
-    results_path = args.out / "real_anatomy.json"
+    results_name = config.get("results_name", "real_anatomy")
+    results_path = args.out / f"{results_name}.json"
     results: list[dict[str, Any]] = []
     for recipe in recipes:
         spec = config["recipes"][recipe]
@@ -336,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
                 "phantoms": score(phantom_pred, phantom_test, n_bootstrap),
             })
             results_path.write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
-            (args.out / "real_anatomy.md").write_text(table(results))
+            (args.out / f"{results_name}.md").write_text(table(results))
     print(table(results))
 
 

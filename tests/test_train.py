@@ -107,7 +107,8 @@ def finished_run(box_data: dict[str, Path], tmp_path_factory: pytest.TempPathFac
     """An uninterrupted tiny run (in this process) of the settings in tiny.json."""
     run_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
     cases = read_manifest(box_data["manifest"])
-    run_training(cases, box_data["labels"], run_dir, TrainConfig.from_dict(TINY_SETTINGS), quiet=True)
+    run_training(cases, box_data["labels"], run_dir, TrainConfig.from_dict(TINY_SETTINGS), quiet=True,
+                 keep_epoch_models=True)
     return run_dir
 
 
@@ -505,6 +506,27 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(box_data: d
             assert resumed_row[column] == pytest.approx(reference_row[column], rel=1e-5, abs=1e-6)
     sessions = json.loads((run_dir / "report.json").read_text())["timings"]["sessions"]
     assert [session["at_subepoch"] for session in sessions] == [0, killed_after[0]]
+
+
+def test_the_first_epochs_of_a_longer_run_are_a_shorter_run(finished_run: Path, box_data: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """The kept epoch models: epoch 2 of the 3-epoch run holds the weights a 2-epoch run ends with."""
+    from vfdetect.model import load_model
+
+    assert sorted(path.name for path in finished_run.glob("model_epoch*.keras")) == [
+        "model_epoch001.keras", "model_epoch002.keras", "model_epoch003.keras"]
+    for kept, last in zip(load_model(finished_run / "model_epoch003.keras").get_weights(),
+                          load_model(finished_run / "model_last.keras").get_weights(), strict=True):
+        np.testing.assert_array_equal(kept, last)
+    shorter = tmp_path / "two-epochs"
+    run_training(read_manifest(box_data["manifest"]), box_data["labels"], shorter,
+                 TrainConfig.from_dict({**TINY_SETTINGS, "epochs": 2}), quiet=True)
+    assert not list(shorter.glob("model_epoch*.keras"))
+    for kept, two in zip(load_model(finished_run / "model_epoch002.keras").get_weights(),
+                         load_model(shorter / "model_last.keras").get_weights(), strict=True):
+        np.testing.assert_allclose(kept, two, rtol=1e-5, atol=1e-6)
+    for longer_row, shorter_row in zip(read_log(finished_run / "log.csv")[:2], read_log(shorter / "log.csv"), strict=True):
+        assert longer_row["val_fracture_auc"] == pytest.approx(shorter_row["val_fracture_auc"], rel=1e-5, abs=1e-6)
 
 
 def _free_ports(n: int) -> list[int]:

@@ -5,7 +5,7 @@ frozen dataclass around its path; its properties are the paths inside it (nothin
 read here)::
 
     run folder        model.keras  model_last.keras  config.json  log.csv  report.json  tensorboard/
-                      checkpoint/last.npz  workers/<type>-<index>/ (a run folder per non-chief worker)
+                      model_epoch<NNN>.keras (with --keep-epoch-models)  checkpoint/last.npz  workers/<type>-<index>/ (a run folder per non-chief worker)
     prediction folder <case>/{report.json, report.csv, scores_map.nii.gz, probabilities.nii.gz, labels.nii.gz,
                       overlay.png}  summary.csv
     label folder      <case>_labels.nii.gz  <case>_labels.png (preview)  label_config.json
@@ -68,6 +68,10 @@ class RunFolder:
     report = _File("report.json")
     tensorboard = _File("tensorboard")
     checkpoint_dir = _File("checkpoint")
+
+    def epoch_model(self, epoch: int) -> Path:
+        """The weights after ``epoch`` (1-based), kept when a run is asked to keep every epoch."""
+        return Path(self.path) / f"model_epoch{epoch:03d}.keras"
 
     @property
     def checkpoint(self) -> Path:

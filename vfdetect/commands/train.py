@@ -85,6 +85,8 @@ _CONFIG_OPTIONS: dict[str, str] = {
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Preprocessing cache (`vfdetect preprocess`); missing or stale cases are prepared and added.")
+@click.option("--keep-epoch-models", is_flag=True,
+              help="Also keep the weights after every epoch (model_epoch<NNN>.keras in --out).")
 @click.option("--quiet", is_flag=True, help="No progress bars or summary.")
 def command(
     manifest: Path,
@@ -95,6 +97,7 @@ def command(
     config_file: Path | None,
     resume: bool,
     cache_dir: Path | None,
+    keep_epoch_models: bool,
     quiet: bool,
     randomise: bool | None,
     **options: Any,
@@ -141,7 +144,8 @@ def command(
 
     cases = read_manifest(manifest, data_root=data_root, grades=grades)
     _check_before_work(manifest, grades, cases, labels_dir, run_dir)
-    run_training(cases, labels_dir, run_dir, config, resume=resume, quiet=quiet, cache_dir=cache_dir)
+    run_training(cases, labels_dir, run_dir, config, resume=resume, quiet=quiet, cache_dir=cache_dir,
+                 keep_epoch_models=keep_epoch_models)
     if not quiet:
         click.echo(_summary(run_dir))
 

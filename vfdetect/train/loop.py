@@ -136,10 +136,11 @@ class _StepRunner:
 class _Run:
     """State and side effects of one training process (see :func:`run_training`)."""
 
-    def __init__(self, config: TrainConfig, out_dir: Path, quiet: bool) -> None:
+    def __init__(self, config: TrainConfig, out_dir: Path, quiet: bool, keep_epoch_models: bool = False) -> None:
         self.config = config
         self.out_dir = out_dir
         self.quiet = quiet
+        self.keep_epoch_models = keep_epoch_models
         self.folder = RunFolder(out_dir)
         self.checkpoint_path = self.folder.checkpoint
         self.state: dict[str, Any] = {}
@@ -245,6 +246,8 @@ class _Run:
             state["best_epoch"] = len(state["log"])
             save_model(self.export_model, self.folder.model)
         save_model(self.export_model, self.folder.model_last)
+        if self.keep_epoch_models:
+            save_model(self.export_model, self.folder.epoch_model(epoch + 1))
         elapsed = self.elapsed()
         segments = config.subepochs * config.batches_per_subepoch * config.batch_size
         row.update({
@@ -324,12 +327,14 @@ def run_training(
     quiet: bool = False,
     validation_cases: Sequence[Case] | None = None,
     cache_dir: Path | None = None,
+    keep_epoch_models: bool = False,
 ) -> Path:
     """Train a network on ``cases`` (label images in ``labels_dir``) into the run folder ``run_dir``.
 
     ``validation_cases`` replaces the seeded hold-out split (then every case of ``cases`` trains).
     ``cache_dir``: a preprocessing cache (``vfdetect preprocess``) the cases are read from; missing
-    or stale cases are prepared and added to it.
+    or stale cases are prepared and added to it. ``keep_epoch_models``: also keep the weights after
+    every epoch (``model_epoch<NNN>.keras``), e.g. to score a longer run at a shorter schedule.
     With ``resume`` the run continues from ``run_dir``'s last checkpoint (starting afresh when there
     is none); settings must match the run's ``config.json`` except ``epochs`` (which may grow) and
     ``strategy``. ``config.min_grade`` must equal the ``min_grade`` recorded in
@@ -355,7 +360,7 @@ def run_training(
     folder = RunFolder(run_dir) if role.is_chief else RunFolder(run_dir).worker(role.name)
     out_dir = folder.path
     config_path = folder.config
-    run = _Run(config, out_dir, quiet=quiet or not role.is_chief)
+    run = _Run(config, out_dir, quiet=quiet or not role.is_chief, keep_epoch_models=keep_epoch_models)
 
     existing = config_path.is_file() or run.checkpoint_path.is_file()
     if existing and not resume:
