@@ -20,6 +20,8 @@ from vfdetect.aggregate import (
 )
 from vfdetect.errors import VfdetectError
 from vfdetect.localise import (
+    drop_fragments,
+    spine_chain,
     LocalisationConfig,
     identification,
     localise_vertebrae,
@@ -158,6 +160,42 @@ def test_localisation_finds_orders_and_names_bodies() -> None:
     shifted = localise_vertebrae(volume, anchor_level="L4")
     assert identification(shifted, truth)["identification_rate"] == 0.0
     assert identification(shifted, truth)["detection_rate"] == 1.0
+
+
+def test_localisation_keeps_the_column_and_drops_bone_beside_it() -> None:
+    """Iliac-wing- and femoral-head-like blobs beside the lowest bodies are not vertebrae."""
+    rng = np.random.default_rng(1)
+    levels = [vertebra_label(n) for n in ("T12", "L1", "L2", "L3", "L4", "L5")]
+    volume, truth = _spine_map(levels, rng)
+    shape = volume.array.shape
+    wide = np.zeros((shape[0] + 160, shape[1], shape[2]), np.float32)
+    wide[80 : 80 + shape[0]] = volume.array
+    x, y, z = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in wide.shape], indexing="ij")
+    for cx, cz in ((30.0, 20.0), (30.0, 45.0), (190.0, 30.0), (185.0, 60.0)):  # beside L5 and L4
+        wide[((x - cx) / 18) ** 2 + ((y - 35) / 14) ** 2 + ((z - cz) / 14) ** 2 <= 1.0] = 0.9
+    moved = [Vertebra(v.label, (v.position_mm[0] + 80, *v.position_mm[1:])) for v in truth]
+    found = localise_vertebrae(Volume(wide, np.eye(4)), anchor_level="L5")
+    assert [v.name for v in found] == ["T12", "L1", "L2", "L3", "L4", "L5"]
+    assert identification(found, moved)["identification_rate"] == 1.0
+    # Without the chain every blob would have been a body.
+    from vfdetect.localise import LocalisationConfig as Config
+
+    loose = Config(chain_lateral_mm=500.0, chain_ap_mm=500.0, chain_min_step_mm=0.0, fragment_gap_fraction=0.0)
+    assert len(localise_vertebrae(Volume(wide, np.eye(4)), config=loose)) > len(levels)
+
+
+def test_chain_and_fragments_on_positions() -> None:
+    column = [np.array([0.0, 0.0, z]) for z in (200.0, 170.0, 140.0, 110.0, 80.0)]
+    decoy = np.array([60.0, 0.0, 95.0])
+    centres = np.array([*column, decoy])
+    assert spine_chain(centres, np.ones(6)) == [0, 1, 2, 3, 4]
+    # A fragment 10 mm below the third body, between bodies 30 mm apart, is dropped (the lighter one).
+    with_fragment = np.array([*column[:3], np.array([2.0, 5.0, 130.0]), *column[3:]])
+    masses = np.array([1.0, 1.0, 1.0, 0.3, 1.0, 1.0])
+    assert drop_fragments(with_fragment, masses) == [0, 1, 2, 4, 5]
+    # Regular bodies are all kept, and short chains are left alone.
+    assert drop_fragments(np.array(column), np.ones(5)) == [0, 1, 2, 3, 4]
+    assert drop_fragments(np.array(column[:3]), np.ones(3)) == [0, 1, 2]
 
 
 def test_names_from_spacing_and_anchor() -> None:

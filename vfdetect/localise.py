@@ -67,6 +67,14 @@ class LocalisationConfig:
     waist_ratio_length: float = 1.2
     waist_min_part: float = 0.35
     waist_depth: float = 0.6
+    chain_min_step_mm: float = 8.0
+    chain_max_step_mm: float = 100.0
+    chain_lateral_mm: float = 12.0
+    chain_lateral_slope: float = 0.35
+    chain_ap_mm: float = 15.0
+    chain_ap_slope: float = 0.6
+    fragment_gap_fraction: float = 0.6
+    fragment_span_fraction: float = 1.3
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
@@ -75,6 +83,8 @@ class LocalisationConfig:
             raise VfdetectError("localisation lengths and volumes must be >= 0")
         if self.split_ratio <= 1.0:
             raise VfdetectError("split_ratio must be > 1")
+        if not 0 <= self.chain_min_step_mm < self.chain_max_step_mm:
+            raise VfdetectError("chain steps must satisfy 0 <= chain_min_step_mm < chain_max_step_mm")
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,85 @@ def _split_at_waists(body: _Body, axis_vox: np.ndarray, min_part: float, max_rat
     return parts
 
 
+def spine_chain(centres_mm: np.ndarray, masses: np.ndarray, config: LocalisationConfig = LocalisationConfig()) -> list[int]:
+    """Indices of the bodies that form the vertebral column: the best chain from head to foot.
+
+    Bone-like structures off the column (iliac wings, femoral heads, the sternum, rib heads) can
+    look like vertebral bodies to the network. The column is a chain along world z (superior-
+    inferior) whose consecutive bodies are ``chain_min_step_mm``-``chain_max_step_mm`` apart along
+    z (a merged pair or a missed body still fits), shifted sideways (x) by at most
+    ``chain_lateral_mm + chain_lateral_slope * dz`` and front-to-back (y) by at most
+    ``chain_ap_mm + chain_ap_slope * dz`` (lordosis, kyphosis and the sacrum's tilt). Each body
+    counts 1 plus its mass relative to the median body (at most 1 more), so the longest chain wins
+    and mass breaks ties; the best chain is found by dynamic programming over the bodies sorted by z.
+    """
+    centres = np.asarray(centres_mm, dtype=np.float64).reshape(-1, 3)
+    count = len(centres)
+    if count <= 1:
+        return list(range(count))
+    masses = np.asarray(masses, dtype=np.float64)
+    value = 1.0 + np.clip(masses / max(float(np.median(masses)), 1e-9), 0.0, 1.0)
+    order = np.argsort(-centres[:, 2], kind="stable")
+    best = value[order].copy()
+    previous = np.full(count, -1)
+    for j in range(count):
+        for i in range(j):
+            a, b = centres[order[i]], centres[order[j]]
+            dz = a[2] - b[2]
+            if not config.chain_min_step_mm <= dz <= config.chain_max_step_mm:
+                continue
+            if abs(a[0] - b[0]) > config.chain_lateral_mm + config.chain_lateral_slope * dz:
+                continue
+            if abs(a[1] - b[1]) > config.chain_ap_mm + config.chain_ap_slope * dz:
+                continue
+            if best[i] + value[order[j]] > best[j] + 1e-12:
+                best[j], previous[j] = best[i] + value[order[j]], i
+    end = int(np.argmax(best))
+    chain = []
+    while end >= 0:
+        chain.append(int(order[end]))
+        end = int(previous[end])
+    return sorted(chain)
+
+
+def drop_fragments(centres_mm: np.ndarray, masses: np.ndarray, config: LocalisationConfig = LocalisationConfig()) -> list[int]:
+    """Indices of the bodies of a chain that remain once fragments are dropped.
+
+    A fragment (a piece of a body, or a disc the network half believes in) sits much closer to a
+    neighbour (along z) than the local spacing (less than ``fragment_gap_fraction`` of the median of the
+    nearby gaps not touching it) while its two neighbours are about one spacing apart (at most
+    ``fragment_span_fraction`` of it), or, at an end of the chain, just closer than that. The
+    lightest such body is dropped, and the test repeated.
+    """
+    centres = np.asarray(centres_mm, dtype=np.float64).reshape(-1, 3)
+    masses = np.asarray(masses, dtype=np.float64)
+    kept = sorted(range(len(centres)), key=lambda k: -centres[k, 2])
+    while len(kept) >= 4:
+        heights = centres[kept, 2]
+        gaps = -np.diff(heights)  # along z: a body shifted forward or sideways is no further away
+        candidates = []
+        for r in range(len(kept)):
+            touching = {r - 1, r}
+            nearby = [gaps[g] for g in range(max(0, r - 3), min(len(gaps), r + 3)) if g not in touching]
+            if not nearby:
+                continue
+            spacing = float(np.median(nearby))
+            below = gaps[r - 1] if r > 0 else np.inf
+            above = gaps[r] if r < len(gaps) else np.inf
+            if min(below, above) >= config.fragment_gap_fraction * spacing:
+                continue
+            if 0 < r < len(kept) - 1:
+                span = float(heights[r - 1] - heights[r + 1])
+                if span > config.fragment_span_fraction * spacing:
+                    continue
+            candidates.append(r)
+        if not candidates:
+            break
+        drop = min(candidates, key=lambda r: masses[kept[r]])
+        kept.pop(drop)
+    return sorted(kept)
+
+
 def find_vertebral_bodies(
     vertebra_probability: Any, config: LocalisationConfig = LocalisationConfig()
 ) -> list[np.ndarray]:
@@ -163,7 +252,9 @@ def find_vertebral_bodies(
     ``waist_depth`` of the areas on either side, each part at least ``waist_min_part`` of that
     length long), recursively; one still longer than ``split_ratio`` times that length is cut at
     its narrowest cross-sections into as many bodies as its length holds at the neighbours'
-    spacing; each centroid is the probability-weighted mean position.
+    spacing; each centroid is the probability-weighted mean position. Only the bodies on the
+    vertebral column are kept (:func:`spine_chain`, before and after splitting), and fragments are
+    dropped (:func:`drop_fragments`).
     """
     array, affine = map_array_and_affine(vertebra_probability)
     spacing = np.sqrt(np.sum(affine[:3, :3] ** 2, axis=0))
@@ -202,6 +293,8 @@ def find_vertebral_bodies(
         return linear @ voxel + affine[:3, 3]
 
     centres = np.array([centre_mm(body) for body in bodies])
+    chain = spine_chain(centres, np.array([body.weights.sum() for body in bodies]), config)
+    bodies, centres = [bodies[k] for k in chain], centres[chain]
     axis_mm = np.array([0.0, 0.0, 1.0])
     if len(centres) >= 3:
         _, _, vt = np.linalg.svd(centres - centres.mean(axis=0), full_matrices=False)
@@ -244,7 +337,11 @@ def find_vertebral_bodies(
             split.extend(_split_body(body, axis_vox, parts))
         else:
             split.append(body)
-    return [centre_mm(body) for body in split]
+    centres = np.array([centre_mm(body) for body in split])
+    masses = np.array([body.weights.sum() for body in split])
+    chain = spine_chain(centres, masses, config)
+    kept = [chain[k] for k in drop_fragments(centres[chain], masses[chain], config)]
+    return [centres[k] for k in kept]
 
 
 def order_along_spine(centres_mm: Sequence[np.ndarray]) -> list[np.ndarray]:
