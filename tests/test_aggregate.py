@@ -119,6 +119,22 @@ def test_patient_score_and_decision_follow_one_rule() -> None:
         patient_decision(0.4, 0.0)
 
 
+def test_vertebrae_at_the_edge_of_the_view_count_only_when_nothing_else_was_scored() -> None:
+    from types import SimpleNamespace
+
+    from vfdetect.aggregate import edge_distance_mm
+
+    grid = SimpleNamespace(shape=(100, 80, 60), affine=np.diag([1.0, 1.0, 2.0, 1.0]))
+    assert edge_distance_mm(grid, (50.0, 40.0, 60.0)) == pytest.approx(39.5)  # y: 80 - 0.5 - 40
+    assert edge_distance_mm(grid, (50.0, 40.0, 116.0)) == pytest.approx(3.0)  # z: (59.5 - 58) * 2 mm
+    assert edge_distance_mm(grid, (-3.0, 40.0, 60.0)) == pytest.approx(-2.5)
+    cut, inside = {"fracture_probability": 0.9, "edge_distance_mm": 3.0}, {"fracture_probability": 0.2, "edge_distance_mm": 40.0}
+    assert patient_score([cut, inside]) == 0.2
+    assert patient_score([cut]) == 0.9
+    assert patient_score([cut, inside], edge_margin_mm=0.0) == 0.9
+    assert patient_score([cut, {"fracture_probability": 0.3}]) == 0.3  # no distance: counted
+
+
 def _spine_map(levels: list[int], rng: np.random.Generator, merge: tuple[int, int] | None = None):  # type: ignore[no-untyped-def]
     """p(vertebra)-like map: ellipsoidal bodies along a curved spine (lowest = last level), 1 mm grid."""
     gaps = {8: 20, 9: 20, 10: 21, 11: 21, 12: 22, 13: 23, 14: 24, 15: 25, 16: 26, 17: 27, 18: 28, 19: 31,

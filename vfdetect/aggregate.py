@@ -14,7 +14,10 @@ Vertebra level
 
 Patient level
     One rule gives both the score and the decision (:data:`PATIENT_RULE`): the patient score is
-    the highest vertebra score (:func:`patient_score`; NaN when no vertebra was scored) and the
+    the highest vertebra score (:func:`patient_score`; NaN when no vertebra was scored) among the
+    vertebrae whose centroid lies at least ``edge_margin_mm`` (10 mm) inside the scan's field of
+    view (a vertebra cut by the edge of the scan looks flattened; its score is still reported,
+    with its ``edge_distance_mm``, and counts only when no other vertebra was scored), and the
     patient is called "fracture" when it reaches the patient threshold (:func:`patient_decision`;
     default 0.5, a model may carry its own). The score ranks patients; it is not a calibrated
     probability.
@@ -64,7 +67,9 @@ DEFAULT_VERTEBRA_THRESHOLD = 0.5
 DEFAULT_PROBABILITY_THRESHOLD = 0.5
 DEFAULT_NOISE_THRESHOLD_MM3 = 500.0
 DEFAULT_PATIENT_THRESHOLD = 0.5
-PATIENT_RULE = "fracture when the highest vertebra score (patient_score) >= {threshold:g}"
+DEFAULT_EDGE_MARGIN_MM = 10.0
+PATIENT_RULE = ("fracture when the highest vertebra score (patient_score; vertebrae within 10 mm of the "
+                "scan's edge count only when no other was scored) >= {threshold:g}")
 """The patient rule: the decision is the patient score (maximum vertebra score) against one threshold."""
 COMPONENT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * step, 2) for step in range(1, 20))
 """Probability thresholds at which the largest fracture component is stored (0.05 ... 0.95)."""
@@ -215,15 +220,30 @@ def largest_at(
     return float(largest_mm3[index])
 
 
-def patient_score(vertebra_results: Sequence[dict[str, Any]]) -> float:
+def patient_score(vertebra_results: Sequence[dict[str, Any]], edge_margin_mm: float = DEFAULT_EDGE_MARGIN_MM) -> float:
     """The patient score: the highest vertebra score (``fracture_probability``) among the scored
-    vertebrae; NaN when no vertebra was scored (none given or found, or all outside the map).
+    vertebrae whose ``edge_distance_mm`` (when given) is at least ``edge_margin_mm``, or among all
+    scored vertebrae when none is that far inside; NaN when no vertebra was scored (none given or
+    found, or all outside the map).
 
     It is a ranking score, not a calibrated probability.
     """
-    scores = [float(r["fracture_probability"]) for r in vertebra_results]
-    finite = [score for score in scores if math.isfinite(score)]
-    return float(max(finite)) if finite else float("nan")
+    finite = [r for r in vertebra_results if math.isfinite(float(r["fracture_probability"]))]
+    inside = [r for r in finite if r.get("edge_distance_mm") is None or float(r["edge_distance_mm"]) >= edge_margin_mm]
+    counted = inside or finite
+    return float(max(float(r["fracture_probability"]) for r in counted)) if counted else float("nan")
+
+
+def edge_distance_mm(grid: Any, position_mm: Sequence[float]) -> float:
+    """Distance (mm) from a point to the nearest face of the field of view of ``grid`` (``.shape``,
+    ``.affine``: the scan's own voxel grid, whose voxels span index -0.5 ... n - 0.5); negative outside."""
+    from vfdetect.volume import world_to_voxel
+
+    affine = np.asarray(grid.affine, dtype=np.float64)
+    voxel = world_to_voxel(affine, np.asarray(position_mm, dtype=np.float64))
+    spacing = np.sqrt(np.sum(affine[:3, :3] ** 2, axis=0))
+    shape = np.asarray(grid.shape[:3], dtype=np.float64)
+    return float(min(((voxel + 0.5) * spacing).min(), ((shape - 0.5 - voxel) * spacing).min()))
 
 
 def patient_decision(score: float, threshold: float = DEFAULT_PATIENT_THRESHOLD) -> bool | None:
@@ -285,6 +305,7 @@ def score_case(
             "predicted": entry["predicted"],
             "source": source,
             "grade": vertebra.grade,
+            "edge_distance_mm": round(edge_distance_mm(grid, vertebra.position_mm), 1),
         })
     component_thresholds = list(component_thresholds)
     largest = largest_components(fracture, component_thresholds + [probability_threshold])

@@ -48,7 +48,7 @@ SCHEMA_VERSION = 2
 
 CSV_COLUMNS: tuple[str, ...] = (
     "case", "label", "name", "fracture_probability", "normal_probability", "predicted", "source", "grade",
-    "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "centroid_i", "centroid_j", "centroid_k",
+    "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "centroid_i", "centroid_j", "centroid_k", "edge_distance_mm",
     "patient_score", "patient_threshold", "patient_rule", "patient_fracture",
 )
 """Columns of report.csv and summary.csv: one row per vertebra."""
@@ -330,6 +330,7 @@ def report_rows(report: CaseReport | Mapping[str, Any]) -> list[dict[str, str]]:
             "centroid_i": centroid_voxel[0],
             "centroid_j": centroid_voxel[1],
             "centroid_k": centroid_voxel[2],
+            "edge_distance_mm": vertebra.extra.get("edge_distance_mm"),
             "patient_score": record.patient_score,
             "patient_threshold": record.patient_threshold,
             "patient_rule": record.patient_rule,
