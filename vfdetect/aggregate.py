@@ -183,19 +183,33 @@ def largest_components(
     thresholds = [float(value) for value in thresholds]
     if not thresholds:
         return []
-    _, box = _fracture_candidates(array, min(thresholds))
+    lowest = min(thresholds)
+    _, box = _fracture_candidates(array, lowest)
     region = np.asarray(array[box], dtype=np.float32)
     structure = np.ones((3, 3, 3), dtype=bool)
-    sizes = []
-    for threshold in thresholds:
-        mask = region >= threshold
-        if not mask.any():
-            sizes.append(0.0)
-            continue
-        labels, count = ndimage.label(mask, structure=structure)
+    # A component at a higher threshold lies inside one component at the lowest: label once at the
+    # lowest, then each component in its own box, largest first, skipping a component at a threshold
+    # when it has no more voxels above it than the largest component found there so far.
+    labels, count = ndimage.label(region >= lowest, structure=structure)
+    best = [0] * len(thresholds)
+    if count:
         counts = np.bincount(labels.ravel())[1:]
-        sizes.append(float(counts.max()) * voxel_mm3)
-    return sizes
+        objects = ndimage.find_objects(labels)
+        for index in np.argsort(-counts, kind="stable"):
+            own = labels[objects[index]] == index + 1
+            values = region[objects[index]]
+            inside = values[own]
+            for position, threshold in enumerate(thresholds):
+                above = int(np.count_nonzero(inside >= threshold))
+                if above <= best[position]:
+                    continue
+                if threshold == lowest:
+                    best[position] = above
+                    continue
+                parts, found = ndimage.label(own & (values >= threshold), structure=structure)
+                if found:
+                    best[position] = max(best[position], int(np.bincount(parts.ravel())[1:].max()))
+    return [float(size) * voxel_mm3 for size in best]
 
 
 def patient_positive(largest_mm3_at_threshold: float, noise_threshold_mm3: float = DEFAULT_NOISE_THRESHOLD_MM3) -> bool:
