@@ -209,6 +209,10 @@ def test_chain_and_fragments_on_positions() -> None:
     with_fragment = np.array([*column[:3], np.array([2.0, 5.0, 130.0]), *column[3:]])
     masses = np.array([1.0, 1.0, 1.0, 0.3, 1.0, 1.0])
     assert drop_fragments(with_fragment, masses) == [0, 1, 2, 4, 5]
+    # The sacrum curves backwards: S1 and S2 are closer along z than lumbar bodies but not fragments.
+    lumbar = [np.array([0.0, 40.0, z]) for z in (150.0, 113.0, 76.0, 39.0)]
+    sacrum = [np.array([0.0, 20.0, 12.0]), np.array([0.0, 3.0, -8.0])]
+    assert drop_fragments(np.array([*lumbar, *sacrum]), np.ones(6)) == [0, 1, 2, 3, 4, 5]
     # Regular bodies are all kept, and short chains are left alone.
     assert drop_fragments(np.array(column), np.ones(5)) == [0, 1, 2, 3, 4]
     assert drop_fragments(np.array(column[:3]), np.ones(3)) == [0, 1, 2]

@@ -203,18 +203,21 @@ def spine_chain(centres_mm: np.ndarray, masses: np.ndarray, config: Localisation
 def drop_fragments(centres_mm: np.ndarray, masses: np.ndarray, config: LocalisationConfig = LocalisationConfig()) -> list[int]:
     """Indices of the bodies of a chain that remain once fragments are dropped.
 
-    A fragment (a piece of a body, or a disc the network half believes in) sits much closer to a
-    neighbour (along z) than the local spacing (less than ``fragment_gap_fraction`` of the median of the
-    nearby gaps not touching it) while its two neighbours are about one spacing apart (at most
-    ``fragment_span_fraction`` of it), or, at an end of the chain, just closer than that. The
-    lightest such body is dropped, and the test repeated.
+    A fragment (a piece of a body, or a disc the network half believes in) lies much closer to a
+    neighbour than the local spacing (the median distance between nearby consecutive bodies, not
+    counting the gaps next to it): for a body between two others, its position along the chord
+    from one neighbour to the other is less than ``fragment_gap_fraction`` of the spacing from
+    either end while the chord is at most ``fragment_span_fraction`` of the spacing long (the
+    neighbours are about one spacing apart); for a body at an end of the chain, its distance to
+    its neighbour is less than ``fragment_gap_fraction`` of the spacing. The lightest such body is
+    dropped, and the test repeated.
     """
     centres = np.asarray(centres_mm, dtype=np.float64).reshape(-1, 3)
     masses = np.asarray(masses, dtype=np.float64)
     kept = sorted(range(len(centres)), key=lambda k: -centres[k, 2])
     while len(kept) >= 4:
-        heights = centres[kept, 2]
-        gaps = -np.diff(heights)  # along z: a body shifted forward or sideways is no further away
+        points = centres[kept]
+        gaps = np.linalg.norm(np.diff(points, axis=0), axis=1)
         candidates = []
         for r in range(len(kept)):
             touching = {r - 1, r}
@@ -222,15 +225,17 @@ def drop_fragments(centres_mm: np.ndarray, masses: np.ndarray, config: Localisat
             if not nearby:
                 continue
             spacing = float(np.median(nearby))
-            below = gaps[r - 1] if r > 0 else np.inf
-            above = gaps[r] if r < len(gaps) else np.inf
-            if min(below, above) >= config.fragment_gap_fraction * spacing:
-                continue
             if 0 < r < len(kept) - 1:
-                span = float(heights[r - 1] - heights[r + 1])
-                if span > config.fragment_span_fraction * spacing:
+                chord = points[r + 1] - points[r - 1]
+                span = float(np.linalg.norm(chord))
+                if span > config.fragment_span_fraction * spacing or span == 0.0:
                     continue
-            candidates.append(r)
+                along = float(np.dot(points[r] - points[r - 1], chord / span))
+                nearest = min(along, span - along)
+            else:
+                nearest = float(gaps[r - 1] if r > 0 else gaps[r])
+            if nearest < config.fragment_gap_fraction * spacing:
+                candidates.append(r)
         if not candidates:
             break
         drop = min(candidates, key=lambda r: masses[kept[r]])
