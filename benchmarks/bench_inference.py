@@ -152,7 +152,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
     shape = tuple(args.shape)
     image = scan_volume(args.scan, shape) if args.scan else synthetic_volume(shape)
-    model = load_model(Path(args.run) / "model.keras") if args.run else stand_in_model()
+    weights = None if not args.run else Path(args.run) if args.run.endswith(".keras") else Path(args.run) / "model.keras"
+    model = load_model(weights) if weights else stand_in_model()
     geometry = model.geometry
     if args.precision == "float32-unfolded":
         predictor = keras_predictor(model, "float32", fold=False)
@@ -274,6 +275,9 @@ def memory(args: argparse.Namespace) -> None:
              "--max-batches", str(args.max_batches), "--dtype", args.dtype]
     result = child(args, extra)
     print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
