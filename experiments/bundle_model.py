@@ -139,7 +139,7 @@ def card_text(name: str, run: Path, results: list[dict[str, Any]], experiment: d
         f"{size / 1024:.0f} KiB. Input: any CT the package reads; works on the 1 mm RAS internal grid.",
         f"- Output per voxel: p(background), p(normal vertebra), p(fractured vertebra); per vertebra the "
         f"Gaussian-weighted cube mean of p(fracture); per patient `patient_score` = the highest vertebra "
-        f"score, `patient_fracture` = `patient_score >= {threshold['threshold']}` ({threshold['rule']}, "
+        f"score (vertebrae within 10 mm of the scan's edge count only when no other was scored), `patient_fracture` = `patient_score >= {threshold['threshold']}` ({threshold['rule']}, "
         f"{threshold['cases']} cases).",
         "",
         "## Training data and regime",
@@ -183,11 +183,14 @@ def card_text(name: str, run: Path, results: list[dict[str, Any]], experiment: d
         "- Scores are not calibrated probabilities. The patient threshold was chosen on validation cases "
         "of the training distribution.",
         "- Vertebrae must be found (given centroids, or the built-in localisation); a vertebra missed by "
-        "the localisation gets no score. On real scans the localisation without centroids also finds "
-        "bodies that are not vertebrae and guesses names: give centroids (a VerSe JSON, or a vertebra mask "
-        "such as TotalSegmentator's) whenever you can; the scores above use given centroids.",
+        "the localisation gets no score. Without centroids the localisation keeps the best head-to-foot "
+        "chain of bodies (bone beside the column, such as iliac wings and femoral heads, is dropped), but "
+        "it can still keep a fragment of a body at the end of the scan and its names are guesses: give "
+        "centroids (a VerSe JSON, or a vertebra mask such as TotalSegmentator's) whenever you can; the "
+        "scores above use given centroids.",
         "- A vertebra cut by the edge of the field of view can look collapsed and score high; such "
-        "vertebrae were left ungraded in the evaluation above.",
+        "vertebrae were left ungraded in the evaluation above, and the patient score leaves out "
+        "vertebrae within 10 mm of the scan's edge.",
         "",
         f"Written {datetime.date.today().isoformat()} from the run `{_shown(run)}`.",
         "",
