@@ -67,7 +67,9 @@ def validation_threshold(run: Path, out: Path) -> dict[str, Any]:
         writer.writeheader()
         writer.writerows(rows)
     predictions = folder / "predictions"
-    if not (predictions / "summary.csv").is_file():
+    if not all((predictions / row["case"] / "report.json").is_file() for row in rows):
+        # Predictions of another run's validation cases (a stale folder) are replaced.
+        shutil.rmtree(predictions, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "vfdetect.cli", "predict", "--model", str(run), "--manifest",
                         str(folder / "manifest.csv"), "--out", str(predictions), "--quiet", "--no-overlay"],
                        check=True)
