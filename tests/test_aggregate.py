@@ -133,6 +133,11 @@ def test_vertebrae_at_the_edge_of_the_view_count_only_when_nothing_else_was_scor
     assert patient_score([cut]) == 0.9
     assert patient_score([cut, inside], edge_margin_mm=0.0) == 0.9
     assert patient_score([cut, {"fracture_probability": 0.3}]) == 0.3  # no distance: counted
+    # The sacrum is reported but counts only when nothing else is left.
+    sacrum = {"label": 26, "fracture_probability": 0.95, "edge_distance_mm": 50.0}
+    assert patient_score([sacrum, inside]) == 0.2
+    assert patient_score([sacrum, cut]) == 0.95
+    assert patient_score([{**sacrum, "label": 24}, inside]) == 0.95  # L5 counts
 
 
 def _spine_map(levels: list[int], rng: np.random.Generator, merge: tuple[int, int] | None = None):  # type: ignore[no-untyped-def]

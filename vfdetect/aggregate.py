@@ -17,7 +17,8 @@ Patient level
     the highest vertebra score (:func:`patient_score`; NaN when no vertebra was scored) among the
     vertebrae whose centroid lies at least ``edge_margin_mm`` (10 mm) inside the scan's field of
     view (a vertebra cut by the edge of the scan looks flattened; its score is still reported,
-    with its ``edge_distance_mm``, and counts only when no other vertebra was scored), and the
+    with its ``edge_distance_mm``, and counts only when no other vertebra was scored) and that are
+    not sacral (S1, S2, coccyx: scored and reported, not counted unless nothing else is), and the
     patient is called "fracture" when it reaches the patient threshold (:func:`patient_decision`;
     default 0.5, a model may carry its own). The score ranks patients; it is not a calibrated
     probability.
@@ -68,8 +69,10 @@ DEFAULT_PROBABILITY_THRESHOLD = 0.5
 DEFAULT_NOISE_THRESHOLD_MM3 = 500.0
 DEFAULT_PATIENT_THRESHOLD = 0.5
 DEFAULT_EDGE_MARGIN_MM = 10.0
-PATIENT_RULE = ("fracture when the highest vertebra score (patient_score; vertebrae within 10 mm of the "
-                "scan's edge count only when no other was scored) >= {threshold:g}")
+SACRAL_LABELS: frozenset[int] = frozenset({26, 27, 29})
+"""S1, coccyx, S2 (VerSe numbering): scored and reported, but not part of the patient score."""
+PATIENT_RULE = ("fracture when the highest vertebra score (patient_score; the sacrum, and vertebrae within 10 mm "
+                "of the scan's edge, count only when no other was scored) >= {threshold:g}")
 """The patient rule: the decision is the patient score (maximum vertebra score) against one threshold."""
 COMPONENT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * step, 2) for step in range(1, 20))
 """Probability thresholds at which the largest fracture component is stored (0.05 ... 0.95)."""
@@ -236,15 +239,17 @@ def largest_at(
 
 def patient_score(vertebra_results: Sequence[dict[str, Any]], edge_margin_mm: float = DEFAULT_EDGE_MARGIN_MM) -> float:
     """The patient score: the highest vertebra score (``fracture_probability``) among the scored
-    vertebrae whose ``edge_distance_mm`` (when given) is at least ``edge_margin_mm``, or among all
-    scored vertebrae when none is that far inside; NaN when no vertebra was scored (none given or
-    found, or all outside the map).
+    vertebrae whose ``edge_distance_mm`` (when given) is at least ``edge_margin_mm`` and that are not
+    sacral or coccygeal (:data:`SACRAL_LABELS`: Genant grading is for vertebrae C1-L6, and training
+    never labels the sacrum), falling back to the vertebrae far enough inside, then to all scored
+    vertebrae, when that leaves none; NaN when no vertebra was scored (none given or found, or all
+    outside the map).
 
     It is a ranking score, not a calibrated probability.
     """
     finite = [r for r in vertebra_results if math.isfinite(float(r["fracture_probability"]))]
     inside = [r for r in finite if r.get("edge_distance_mm") is None or float(r["edge_distance_mm"]) >= edge_margin_mm]
-    counted = inside or finite
+    counted = [r for r in inside if r.get("label") not in SACRAL_LABELS] or inside or finite
     return float(max(float(r["fracture_probability"]) for r in counted)) if counted else float("nan")
 
 
