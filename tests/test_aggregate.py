@@ -20,13 +20,13 @@ from vfdetect.aggregate import (
 )
 from vfdetect.errors import VfdetectError
 from vfdetect.localise import (
-    drop_fragments,
-    spine_chain,
     LocalisationConfig,
+    drop_fragments,
     identification,
     localise_vertebrae,
     name_by_spacing,
     name_from_anchor,
+    spine_chain,
 )
 from vfdetect.vertebrae import Vertebra, vertebra_label
 from vfdetect.volume import Volume
