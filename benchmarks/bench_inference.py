@@ -101,21 +101,10 @@ def scan_volume(path: str, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def stand_in_model(seed: int = 0) -> Any:
-    """Untrained 3D network with non-trivial BatchNorm statistics and PReLU slopes."""
-    import keras
+    """Untrained 3D network with non-trivial BatchNorm statistics, PReLU slopes and biases."""
+    from vfdetect.model import build_model, with_random_statistics
 
-    from vfdetect.model import build_model
-
-    model = build_model("3d", seed=seed)
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            shape = layer.gamma.shape
-            layer.set_weights([rng.uniform(0.8, 1.2, shape), rng.normal(0, 0.1, shape),
-                               rng.normal(0, 0.1, shape), rng.uniform(0.8, 1.5, shape)])
-        elif isinstance(layer, keras.layers.PReLU):
-            layer.set_weights([rng.uniform(0.0, 0.2, layer.alpha.shape)])
-    return model
+    return with_random_statistics(build_model("3d", seed=seed), seed)
 
 
 def matmul_gflops(dtype: str, size: int = 2048, repeats: int = 8) -> float:

@@ -29,20 +29,3 @@ def assert_png_has_content(path, min_side: int = 200) -> None:
     assert float(np.std(pixels[..., :3])) > 0.02, f"{path} is (nearly) one flat colour"
 
 
-def with_random_statistics(model, seed: int):  # type: ignore[no-untyped-def]
-    """``model`` with non-trivial BatchNorm statistics, PReLU slopes and biases (an untrained model has
-    identities there, which would let a wrong BatchNorm folding pass)."""
-    import keras
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            shape = layer.gamma.shape
-            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.3, shape),
-                               rng.normal(0, 0.3, shape), rng.uniform(0.5, 2.0, shape)])
-        elif isinstance(layer, keras.layers.PReLU):
-            layer.set_weights([rng.uniform(0.0, 0.3, layer.alpha.shape)])
-        elif layer.name.endswith("input_bias") or layer.name == "class_bias":
-            layer.set_weights([rng.normal(0, 0.5, layer.bias.shape)])
-    return model

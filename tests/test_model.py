@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import with_random_statistics
+
+from vfdetect.model import with_random_statistics
 
 keras = pytest.importorskip("keras")
 

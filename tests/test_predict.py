@@ -8,10 +8,11 @@ import math
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import assert_png_has_content, with_random_statistics
+from conftest import assert_png_has_content
 
 from vfdetect.errors import VfdetectError
 from vfdetect.geometry import geometry_for
+from vfdetect.model import with_random_statistics
 from vfdetect.predict import PredictConfig, predict_case, predict_volume
 from vfdetect.predictor import Predictor
 from vfdetect.tiling import GIB, choose_tile_shape, tile_output_shape

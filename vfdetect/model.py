@@ -339,6 +339,25 @@ def load_model(path: str | Path, compile: bool = False) -> keras.Model:
         raise InputError(path, f"cannot load the model: {error}") from error
 
 
+def with_random_statistics(model: keras.Model, seed: int) -> keras.Model:
+    """``model`` with non-trivial BatchNorm statistics, PReLU slopes and biases, in place.
+
+    An untrained model has identities there, which would let a wrong BatchNorm folding pass; tests
+    and the benchmarks' stand-in network (speed does not depend on the weights) use this.
+    """
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.gamma.shape
+            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.3, shape),
+                               rng.normal(0, 0.3, shape), rng.uniform(0.5, 2.0, shape)])
+        elif isinstance(layer, keras.layers.PReLU):
+            layer.set_weights([rng.uniform(0.0, 0.3, layer.alpha.shape)])
+        elif layer.name.endswith("input_bias") or layer.name == "class_bias":
+            layer.set_weights([rng.normal(0, 0.5, layer.bias.shape)])
+    return model
+
+
 def count_trainable_parameters(model: keras.Model) -> int:
     """Number of trainable scalars (kernels, BN scale/offset, PReLU slopes, biases)."""
     return int(sum(math.prod(int(d) for d in weight.shape) for weight in model.trainable_weights))
