@@ -216,13 +216,15 @@ class Experiment:
 
     def first_epochs(self, recipe: str, held_out: str | None) -> Path:
         """A run folder holding the first ``epochs`` epochs of another recipe's (longer) run."""
+        from vfdetect.layout import RunFolder
+
         source = self.config["recipes"][recipe]["first_epochs_of"]
         epochs = int(source["epochs"])
         suffix = "" if held_out is None else f"-without-{held_out}"
         longer = self.out / "runs" / f"{source['recipe']}{suffix}" / "run"
         log_path = longer / "log.csv"
         log = _read_rows(log_path) if log_path.is_file() else []
-        if len(log) < epochs or not (longer / f"model_epoch{epochs:03d}.keras").is_file():
+        if len(log) < epochs or not RunFolder(longer).epoch_model(epochs).is_file():
             raise SystemExit(f"recipe {recipe}: {longer} has not kept {epochs} epoch models yet "
                              "(train it first, with keep_epoch_models)")
         report = json.loads((longer / "report.json").read_text())
@@ -233,8 +235,8 @@ class Experiment:
         best = best_epoch_index(rows, rule)  # the training loop's own rule, among epochs 1..N
         run = self.out / "runs" / f"{recipe}{suffix}" / "run"
         run.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(longer / f"model_epoch{best + 1:03d}.keras", run / "model.keras")
-        shutil.copyfile(longer / "config.json", run / "config.json")
+        shutil.copyfile(RunFolder(longer).epoch_model(best + 1), RunFolder(run).model)
+        shutil.copyfile(RunFolder(longer).config, RunFolder(run).config)
         train_config = json.loads((longer / "config.json").read_text())["train_config"]
         per_subepoch = train_config["segments_per_subepoch"] // train_config["batch_size"] * train_config["batch_size"]
         segments = epochs * train_config["subepochs"] * per_subepoch

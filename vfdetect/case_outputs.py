@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from vfdetect.errors import InputError
+from vfdetect.frame import block_affine, nonzero_box
 from vfdetect.layout import CaseFolder
 
 SCORES_MAP_FORMAT = "vfdetect scores map 1"
@@ -40,26 +41,9 @@ def patient_summary(report: Mapping[str, Any]) -> str:
     return f"{verdict} (score {float(score):.3f} {'>=' if verdict == 'fracture' else '<'} {threshold:g}); {count} vertebrae"
 
 
-def _translated(affine: np.ndarray, start: Sequence[int] | np.ndarray) -> np.ndarray:
-    """The affine of a block of the grid of ``affine`` that starts at voxel ``start``."""
-    moved = np.array(affine, dtype=np.float64)
-    moved[:3, 3] = affine[:3, :3] @ np.asarray(start, dtype=np.float64) + affine[:3, 3]
-    return moved
-
-
 def _computed_box(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Start and stop (voxels) of the bounding box of the voxels with p(normal) or p(fracture) != 0."""
-    nonzero = probabilities[..., 1] != 0
-    nonzero |= probabilities[..., 2] != 0
-    if not nonzero.any():
-        return None
-    start, stop = [], []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(nonzero.any(axis=others))
-        start.append(int(hits[0]))
-        stop.append(int(hits[-1]) + 1)
-    return np.array(start), np.array(stop)
+    return nonzero_box((probabilities[..., 1] != 0) | (probabilities[..., 2] != 0))
 
 
 def write_scores_map(
@@ -97,7 +81,7 @@ def write_scores_map(
         stop = np.minimum(box[1] + margin, shape)
     crop = tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
     data = np.stack([probabilities[crop][..., 2], probabilities[crop][..., 1]], axis=-1).astype(np.float32)
-    crop_affine = _translated(affine, start)
+    crop_affine = block_affine(affine, start)
     image = nib.Nifti1Image(data, crop_affine)
     image.header.set_sform(crop_affine, code=2)
     image.header.set_qform(crop_affine, code=2)
@@ -163,7 +147,7 @@ class ScoresMap:
             offset = crop_start - start
             array[offset[0] : offset[0] + values.shape[0], offset[1] : offset[1] + values.shape[1],
                   offset[2] : offset[2] + values.shape[2]] = values
-        affine = self.grid_affine if not start.any() else _translated(self.grid_affine, start)
+        affine = self.grid_affine if not start.any() else block_affine(self.grid_affine, start)
         return Volume(array, affine)
 
 

@@ -96,6 +96,25 @@ class SourceGrid:
 # Coordinates
 
 
+def block_affine(affine: np.ndarray, start: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The affine of a block of the grid of ``affine`` that starts at voxel ``start``."""
+    moved = np.array(affine, dtype=np.float64)
+    moved[:3, 3] = moved[:3, :3] @ np.asarray(start, dtype=np.float64) + moved[:3, 3]
+    return moved
+
+
+def nonzero_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Start and stop (voxels) of the bounding box of the True voxels of a 3D ``mask``; None when none is."""
+    start, stop = [], []
+    for axis in range(3):
+        hits = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
+        if hits.size == 0:
+            return None
+        start.append(int(hits[0]))
+        stop.append(int(hits[-1]) + 1)
+    return np.array(start), np.array(stop)
+
+
 def voxel_to_world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
     """World RAS mm of voxel indices ``ijk`` (shape (N, 3) or (3,)); returns the same shape."""
     points = np.asarray(ijk, dtype=np.float64)

@@ -5,7 +5,8 @@ frozen dataclass around its path; its properties are the paths inside it (nothin
 read here)::
 
     run folder        model.keras  model_last.keras  config.json  log.csv  report.json  tensorboard/
-                      model_epoch<NNN>.keras (with --keep-epoch-models)  checkpoint/last.npz  workers/<type>-<index>/ (a run folder per non-chief worker)
+                      model_epoch<NNN>.keras (with --keep-epoch-models)  checkpoint/last.npz
+                      workers/<type>-<index>/ (a run folder per non-chief worker)
     prediction folder <case>/{report.json, report.csv, scores_map.nii.gz, probabilities.nii.gz, labels.nii.gz,
                       overlay.png}  summary.csv
     label folder      <case>_labels.nii.gz  <case>_labels.png (preview)  label_config.json

@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from vfdetect.errors import VfdetectError
+from vfdetect.frame import block_affine, nonzero_box
 from vfdetect.vertebrae import LABEL_NAMES, Vertebra, vertebra_label
 
 NAMING_ORDER: tuple[int, ...] = (*range(1, 8), *range(8, 20), *range(20, 25), 26, 29)
@@ -249,19 +250,16 @@ def _crop_to_support(
     """The map cropped to its non-zero voxels plus the reach of the smoothing (4 sigma) and the
     opening, with the affine of the crop: every step after gives the same bodies as on the whole
     map (outside the crop the map is 0 there too), on the small region inference computes."""
-    nonzero = [np.flatnonzero(np.any(array != 0, axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    if any(len(index) == 0 for index in nonzero):
+    box = nonzero_box(array != 0)
+    if box is None:
         return array, affine
     reach_mm = 4.0 * config.smoothing_sigma_mm + config.opening_radius_mm
     margin = np.ceil(reach_mm / spacing).astype(int) + 2
-    start = np.array([max(0, int(index[0]) - m) for index, m in zip(nonzero, margin, strict=True)])
-    stop = np.array([min(n, int(index[-1]) + 1 + m) for index, m, n in zip(nonzero, margin, array.shape, strict=True)])
-    if np.all(start == 0) and np.all(stop == np.array(array.shape)):
+    start = np.maximum(box[0] - margin, 0)
+    stop = np.minimum(box[1] + margin, np.array(array.shape))
+    if not start.any() and np.array_equal(stop, array.shape):
         return array, affine
-    cropped = array[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
-    shifted = np.array(affine, dtype=np.float64, copy=True)
-    shifted[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
-    return cropped, shifted
+    return array[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]], block_affine(affine, start)
 
 
 def find_vertebral_bodies(
