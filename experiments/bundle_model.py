@@ -141,7 +141,8 @@ def card_text(name: str, run: Path, results: list[dict[str, Any]], experiment: d
         f"{size / 1024:.0f} KiB. Input: any CT the package reads; works on the 1 mm RAS internal grid.",
         f"- Output per voxel: p(background), p(normal vertebra), p(fractured vertebra); per vertebra the "
         f"Gaussian-weighted cube mean of p(fracture); per patient `patient_score` = the highest vertebra "
-        f"score (the sacrum, and vertebrae within 10 mm of the scan's edge, count only when no other was scored), `patient_fracture` = `patient_score >= {threshold['threshold']}` ({threshold['rule']}, "
+        f"score (the sacrum, and vertebrae within 10 mm of the scan's edge, count only when no other was "
+        f"scored), `patient_fracture` = `patient_score >= {threshold['threshold']}` ({threshold['rule']}, "
         f"{threshold['cases']} cases).",
         "",
         "## Training data and regime",

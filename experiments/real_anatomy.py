@@ -217,33 +217,31 @@ class Experiment:
     def first_epochs(self, recipe: str, held_out: str | None) -> Path:
         """A run folder holding the first ``epochs`` epochs of another recipe's (longer) run."""
         from vfdetect.layout import RunFolder
+        from vfdetect.train import TrainConfig
+        from vfdetect.train.checkpoints import read_log
+        from vfdetect.train.selection import best_epoch_index
 
         source = self.config["recipes"][recipe]["first_epochs_of"]
         epochs = int(source["epochs"])
         suffix = "" if held_out is None else f"-without-{held_out}"
-        longer = self.out / "runs" / f"{source['recipe']}{suffix}" / "run"
-        log_path = longer / "log.csv"
-        log = _read_rows(log_path) if log_path.is_file() else []
-        if len(log) < epochs or not RunFolder(longer).epoch_model(epochs).is_file():
-            raise SystemExit(f"recipe {recipe}: {longer} has not kept {epochs} epoch models yet "
+        longer = RunFolder(self.out / "runs" / f"{source['recipe']}{suffix}" / "run")
+        log = read_log(longer.log) if longer.log.is_file() else []
+        if len(log) < epochs or not longer.epoch_model(epochs).is_file():
+            raise SystemExit(f"recipe {recipe}: {longer.path} has not kept {epochs} epoch models yet "
                              "(train it first, with keep_epoch_models)")
-        report = json.loads((longer / "report.json").read_text())
-        rule = report["checkpoint_selection"]["rule"]
-        from vfdetect.train.selection import best_epoch_index
-
-        rows = [{k: (v if v not in ("", "nan") else None) for k, v in row.items()} for row in log[:epochs]]
-        best = best_epoch_index(rows, rule)  # the training loop's own rule, among epochs 1..N
-        run = self.out / "runs" / f"{recipe}{suffix}" / "run"
-        run.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(RunFolder(longer).epoch_model(best + 1), RunFolder(run).model)
-        shutil.copyfile(RunFolder(longer).config, RunFolder(run).config)
-        train_config = json.loads((longer / "config.json").read_text())["train_config"]
-        per_subepoch = train_config["segments_per_subepoch"] // train_config["batch_size"] * train_config["batch_size"]
-        segments = epochs * train_config["subepochs"] * per_subepoch
-        derived = {"status": "finished", "derived_from": str(longer), "epochs": epochs, "selected_epoch": best + 1,
-                   "timings": {"segments_trained": segments}}
-        (run / "report.json").write_text(json.dumps(derived, indent=2) + "\n")
-        return run
+        rule = json.loads(longer.report.read_text())["checkpoint_selection"]["rule"]
+        best = best_epoch_index(log[:epochs], rule)  # the training loop's own rule, among epochs 1..N
+        assert best is not None
+        train = TrainConfig.from_dict(json.loads(longer.config.read_text())["train_config"])
+        run = RunFolder(self.out / "runs" / f"{recipe}{suffix}" / "run")
+        Path(run.path).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(longer.epoch_model(best + 1), run.model)
+        shutil.copyfile(longer.config, run.config)
+        segments = epochs * train.subepochs * train.batches_per_subepoch * train.batch_size
+        derived = {"status": "finished", "derived_from": str(longer.path), "epochs": epochs,
+                   "selected_epoch": best + 1, "timings": {"segments_trained": segments}}
+        run.report.write_text(json.dumps(derived, indent=2) + "\n")
+        return Path(run.path)
 
     def predict(self, run: Path, manifest: Path, out: Path) -> Path:
         if not (out / "summary.csv").is_file():
