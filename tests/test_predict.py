@@ -453,6 +453,31 @@ def test_blank_volume_says_no_spine_found(tmp_path) -> None:  # type: ignore[no-
     assert report["region"]["computed_fraction"] == 0.0 and "no spine found" in report["warnings"][0]
 
 
+def test_input_grid_maps_equal_the_resampled_internal_map(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """probabilities.nii.gz and labels.nii.gz are resampled only where the map is not background;
+    they equal the whole internal map resampled onto the input grid (and quantised)."""
+    from vfdetect.volume import load_scan, to_source
+
+    case = _phantom(7, ribs=False, pelvis=False)
+    predictor = Predictor(model=None, config={"variant": "3d", "spacing": 1.0}, fn=bone_stand_in)
+    result = predict_case(predictor, case.image, None, case="p7", out_dir=tmp_path,
+                          config=PredictConfig(write_overlay=False, keep_maps=True))
+    internal = np.asarray(result.probabilities.array)  # the map's own dtype, as written
+    internal_affine = np.asarray(result.probabilities.affine)
+    _, grid = load_scan(case.image)
+    stacked = np.stack([internal[..., 2], internal[..., 1] + internal[..., 2]], axis=-1)
+    expected = np.clip(np.rint(np.clip(to_source(stacked, internal_affine, grid), 0, 1) / (1 / 255)), 0, 255)
+    saved = nib.load(tmp_path / "p7" / "probabilities.nii.gz")
+    stored = np.asarray(saved.dataobj.get_unscaled(), dtype=np.int16)
+    assert saved.dataobj.slope == pytest.approx(1 / 255)
+    difference = np.abs(stored - expected)
+    assert stored.max() > 200 and difference.max() <= 1 and np.mean(difference > 0) < 1e-4  # float rounding only
+    labels = np.asarray(nib.load(tmp_path / "p7" / "labels.nii.gz").dataobj)
+    expected_labels = to_source(np.argmax(internal, axis=-1).astype(np.uint8), internal_affine, grid, order=0)
+    assert set(np.unique(labels)) >= {0, 1}
+    np.testing.assert_array_equal(labels, expected_labels)
+
+
 def test_scores_map_is_the_scored_internal_map_cropped_with_its_affine(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from vfdetect.aggregate import vertebra_scores
     from vfdetect.case_outputs import read_scores_map

@@ -389,6 +389,41 @@ def test_to_source_handles_channels() -> None:
     np.testing.assert_allclose(back[..., 0], first, atol=0.3 * 2.0 * 0.7)
 
 
+@pytest.mark.parametrize("oblique", [False, True])
+def test_to_source_in_box_equals_the_full_resampling(oblique: bool) -> None:
+    """A map that is background outside a box: resampling only the block of the input grid that sees
+    the box gives the full resampling there, and the background everywhere else."""
+    from vfdetect.frame import to_source_in_box
+
+    linear = np.diag([-0.8, 1.3, -2.0])  # flipped axes, anisotropic
+    if oblique:
+        linear = rotation([1, 2, 0], 25) @ linear
+    affine = np.eye(4)
+    affine[:3, :3] = linear[:, [2, 0, 1]]  # permuted: the first array axis runs closest to S
+    affine[:3, 3] = [10.0, -5.0, 3.0]
+    shape = (20, 36, 30)
+    grid = SourceGrid(shape, affine, nib.Nifti1Header(), "test")
+    internal_shape, internal_affine = internal_grid(shape, affine)
+    rng = np.random.default_rng(0)
+    full = np.zeros(internal_shape + (2,), dtype=np.float32)
+    start, stop = np.array([8, 5, 11]), np.array([21, 17, 26])
+    inner = tuple(slice(int(a) + 1, int(b) - 1) for a, b in zip(start, stop, strict=True))
+    full[inner] = rng.uniform(0.1, 1.0, size=full[inner].shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
+    values, index = to_source_in_box(full[box], internal_affine, grid, start, order=1)
+    expected = to_source(full, internal_affine, grid, order=1)
+    assembled = np.zeros_like(expected)
+    assembled[index] = values
+    np.testing.assert_allclose(assembled, expected, atol=1e-6)
+    assert 0 < values.shape[0] * values.shape[1] * values.shape[2] < 0.6 * np.prod(shape)  # a block, not the grid
+    assert expected[index].max() > 0.5
+    labels = (full[..., 0] > 0.5).astype(np.uint8)
+    values, index = to_source_in_box(labels[box], internal_affine, grid, start, order=0)
+    assembled = np.zeros(shape, dtype=np.uint8)
+    assembled[index] = values
+    np.testing.assert_array_equal(assembled, to_source(labels, internal_affine, grid, order=0))
+
+
 def test_voxel_world_round_trip() -> None:
     affine = np.eye(4)
     affine[:3, :3] = rotation([1, 1, 0], 30) @ np.diag([0.5, 0.9, 3.0])

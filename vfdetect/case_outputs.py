@@ -188,6 +188,26 @@ def read_scores_map(path: Path) -> ScoresMap:
     return ScoresMap(data, grid_affine, grid_shape, crop_start, centroids)  # type: ignore[arg-type]
 
 
+_QUANTUM = 1.0 / 255.0
+"""The step of ``probabilities.nii.gz`` (uint8 with ``scl_slope`` 1/255)."""
+
+
+def _output_box(mask: np.ndarray) -> tuple[tuple[slice, slice, slice] | None, np.ndarray]:
+    """The bounding box of ``mask`` widened by one voxel (clipped to the grid), and its start.
+
+    Resampling to the input grid reads at most the two neighbours along each axis, so an input
+    voxel that reads nothing inside the box reads only voxels below the quantisation step (the
+    probability maps: an interpolation of them is below it too and stores 0) or of background (the
+    label map, nearest neighbour). None when ``mask`` is empty.
+    """
+    box = nonzero_box(mask)
+    if box is None:
+        return None, np.zeros(3, dtype=int)
+    start = np.maximum(box[0] - 1, 0)
+    stop = np.minimum(box[1] + 1, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True)), start  # type: ignore[return-value]
+
+
 def write_case_files(
     folder: CaseFolder,
     report: dict[str, Any],
@@ -204,34 +224,52 @@ def write_case_files(
     ``probabilities`` is the internal (X, Y, Z, 3) map on the grid of ``affine`` that the vertebrae
     were scored on, ``cube_edge_mm`` the scoring cube's edge (the scores map's margin).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vfdetect.frame import to_source_in_box
     from vfdetect.records import write_report_csv
     from vfdetect.report import render_overlay
-    from vfdetect.volume import save_on_grid, to_source, world_to_voxel
+    from vfdetect.volume import save_on_grid, world_to_voxel
 
     Path(folder.path).mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    paths["scores_map"] = folder.scores_map
-    write_scores_map(paths["scores_map"], probabilities, affine, vertebrae, cube_edge_mm)
+    paths: dict[str, Path] = {
+        "scores_map": folder.scores_map, "probabilities": folder.probabilities, "labels": folder.labels,
+    }
+    # Only the block of the input grid that can see a non-zero output voxel is resampled; the rest
+    # of each output is 0 (see _output_box). The scores map, the overlay and the compression of the
+    # maps (zlib releases the GIL) run in worker threads beside the resampling.
     vertebra_map = probabilities[..., 1] + probabilities[..., 2]
-    stacked = np.stack([probabilities[..., 2], vertebra_map], axis=-1)
-    on_grid = to_source(stacked, affine, grid, order=1)
-    del stacked
-    paths["probabilities"] = folder.probabilities
-    save_on_grid(np.clip(on_grid, 0.0, 1.0), grid, paths["probabilities"], scale=1.0 / 255.0)
-    del on_grid
-    labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
-    paths["labels"] = folder.labels
-    save_on_grid(to_source(labels, affine, grid, order=0).astype(np.uint8), grid, paths["labels"], dtype=np.uint8)
-    del labels
-    if overlay_hu is not None:
-        paths["overlay"] = folder.overlay
-        centres = np.array(
-            [world_to_voxel(affine, np.asarray(v.position_mm)) for v in vertebrae], dtype=np.float64
-        ).reshape(-1, 3)
-        render_overlay(
-            paths["overlay"], overlay_hu, probabilities[..., 2], spacing, report["vertebrae"], centres,
-            f"{report['case']}: {patient_summary(report)}", vertebra_probability=vertebra_map,
-        )
+    with ThreadPoolExecutor(max_workers=2) as writer:
+        pending = [writer.submit(write_scores_map, paths["scores_map"], probabilities, affine, vertebrae,
+                                 cube_edge_mm)]
+        if overlay_hu is not None:
+            paths["overlay"] = folder.overlay
+            centres = np.array(
+                [world_to_voxel(affine, np.asarray(v.position_mm)) for v in vertebrae], dtype=np.float64
+            ).reshape(-1, 3)
+            pending.append(writer.submit(
+                render_overlay, paths["overlay"], overlay_hu, probabilities[..., 2], spacing, report["vertebrae"],
+                centres, f"{report['case']}: {patient_summary(report)}", vertebra_probability=vertebra_map,
+            ))
+        quantised = np.zeros(tuple(grid.shape) + (2,), dtype=np.uint8)
+        crop, start = _output_box(vertebra_map >= _QUANTUM / 2)
+        if crop is not None:
+            stacked = np.stack([probabilities[crop][..., 2], vertebra_map[crop]], axis=-1)
+            values, index = to_source_in_box(stacked, affine, grid, start, order=1)
+            del stacked
+            quantised[index] = np.clip(np.rint(np.clip(values, 0.0, 1.0) / _QUANTUM), 0, 255).astype(np.uint8)
+            del values
+        pending.append(writer.submit(save_on_grid, quantised, grid, paths["probabilities"], scale=_QUANTUM))
+        label_map = np.zeros(tuple(grid.shape), dtype=np.uint8)
+        crop, start = _output_box(vertebra_map > probabilities[..., 0])  # wider than argmax != 0
+        if crop is not None:
+            labels = np.argmax(probabilities[crop], axis=-1).astype(np.uint8)
+            values, index = to_source_in_box(labels, affine, grid, start, order=0)
+            label_map[index] = values
+            del labels, values
+        pending.append(writer.submit(save_on_grid, label_map, grid, paths["labels"], dtype=np.uint8))
+        for job in pending:
+            job.result()
     paths["report_csv"] = folder.report_csv
     write_report_csv(paths["report_csv"], report)
     return paths

@@ -34,6 +34,7 @@ __all__ = [
     "internal_grid",
     "to_internal",
     "to_source",
+    "to_source_in_box",
 ]
 
 # A matrix entry counts as zero when it moves a coordinate by less than this many voxels across the
@@ -370,6 +371,15 @@ def to_internal(volume: Volume, spacing: float = 1.0, order: int = 1, fill_value
     return Volume(array, out_affine)
 
 
+def _source_view(grid: SourceGrid) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """The ornt array, affine and shape of ``grid``'s RAS view (see :func:`_to_ras_view`)."""
+    grid_affine = np.asarray(grid.affine, dtype=np.float64)
+    ornt = _orientation(grid_affine)
+    view_affine = grid_affine @ nib.orientations.inv_ornt_aff(ornt, tuple(grid.shape))
+    permuted = np.asarray(grid.shape)[np.argsort(ornt[:, 0])]
+    return ornt, view_affine, (int(permuted[0]), int(permuted[1]), int(permuted[2]))
+
+
 def to_source(array: np.ndarray, internal_affine: np.ndarray, grid: SourceGrid, order: int = 1) -> np.ndarray:
     """Resample an internal-frame ``array`` (3D, or 4D channels last) back onto ``grid``.
 
@@ -381,12 +391,14 @@ def to_source(array: np.ndarray, internal_affine: np.ndarray, grid: SourceGrid, 
     if array.ndim not in (3, 4):
         raise VfdetectError(f"to_source needs a 3D or 4D (channels last) array, got shape {array.shape}")
     # Work in the source grid's RAS view so that an axis-aligned grid gives a diagonal mapping.
-    grid_affine = np.asarray(grid.affine, dtype=np.float64)
-    ornt = _orientation(grid_affine)
-    view_affine = grid_affine @ nib.orientations.inv_ornt_aff(ornt, tuple(grid.shape))
-    permuted = np.asarray(grid.shape)[np.argsort(ornt[:, 0])]
-    view_shape = (int(permuted[0]), int(permuted[1]), int(permuted[2]))
+    ornt, view_affine, view_shape = _source_view(grid)
     mapping = np.linalg.inv(np.asarray(internal_affine, dtype=np.float64)) @ view_affine
+    return _resample_channels(array, mapping, view_shape, order, ornt)
+
+
+def _resample_channels(
+    array: np.ndarray, mapping: np.ndarray, view_shape: tuple[int, int, int], order: int, ornt: np.ndarray
+) -> np.ndarray:
     channels = [array] if array.ndim == 3 else [array[..., c] for c in range(array.shape[3])]
     results = []
     for channel in channels:
@@ -394,3 +406,48 @@ def to_source(array: np.ndarray, internal_affine: np.ndarray, grid: SourceGrid, 
         results.append(np.ascontiguousarray(_from_ras_view(view, ornt)))
     return results[0] if array.ndim == 3 else np.stack(results, axis=-1)
 
+
+def to_source_in_box(
+    array: np.ndarray, internal_affine: np.ndarray, grid: SourceGrid, start: Sequence[int], order: int = 1
+) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+    """:func:`to_source` of a map that is constant outside a box, computed only where the box is seen.
+
+    ``array`` is the box (3D, or 4D channels last) cut at internal voxel ``start`` from a full map on
+    the grid of ``internal_affine``; the full map must hold, everywhere outside the box, the value of
+    the box's outer voxel layer (e.g. a crop of a probability map widened by at least one voxel
+    beyond its non-background voxels and clipped to the grid). Returns the resampled values on the
+    block of ``grid`` that can read the box, and that block's index into a ``grid.shape`` array;
+    every other voxel of ``grid`` takes the constant value. Within the block the values equal
+    :func:`to_source` of the full map up to float rounding (the same interpolation reads the same
+    values; the separable passes may run in another axis order).
+    """
+    array = np.asarray(array)
+    if array.ndim not in (3, 4):
+        raise VfdetectError(f"to_source_in_box needs a 3D or 4D (channels last) array, got shape {array.shape}")
+    ornt, view_affine, view_shape = _source_view(grid)
+    start = np.asarray(start, dtype=np.float64)
+    box_affine = np.asarray(internal_affine, dtype=np.float64).copy()
+    box_affine[:3, 3] += box_affine[:3, :3] @ start
+    view_to_box = np.linalg.inv(box_affine) @ view_affine
+    # View voxels whose box coordinate lies within one voxel of the box read it; others read only the
+    # constant outside. Their bounding block, from the box's corners (an affine map keeps the hull).
+    box_to_view = np.linalg.inv(view_to_box)
+    corners = np.array(np.meshgrid(*[[-1.0, n] for n in array.shape[:3]], indexing="ij")).reshape(3, -1).T
+    seen = corners @ box_to_view[:3, :3].T + box_to_view[:3, 3]
+    low = np.clip(np.floor(seen.min(axis=0)).astype(int) - 1, 0, view_shape)
+    high = np.clip(np.ceil(seen.max(axis=0)).astype(int) + 2, 0, view_shape)
+    block_shape = (int(high[0] - low[0]), int(high[1] - low[1]), int(high[2] - low[2]))
+    if min(block_shape) < 1:
+        empty = tuple(slice(0, 0) for _ in range(3))
+        return np.zeros((0, 0, 0) + array.shape[3:], dtype=array.dtype if order == 0 else np.float32), empty  # type: ignore[return-value]
+    block_mapping = view_to_box.copy()
+    block_mapping[:3, 3] += view_to_box[:3, :3] @ low
+    values = _resample_channels(array, block_mapping, block_shape, order, ornt)
+    index = []
+    for axis in range(3):
+        view_axis = int(ornt[axis, 0])
+        first, stop = int(low[view_axis]), int(high[view_axis])
+        if ornt[axis, 1] < 0:
+            first, stop = view_shape[view_axis] - stop, view_shape[view_axis] - first
+        index.append(slice(first, stop))
+    return values, (index[0], index[1], index[2])

@@ -97,11 +97,11 @@ def render_overlay(
     probability when there are none). Probabilities < 0.05 are hidden; each vertebra is labelled
     with its name and score, fractures in red. The write is atomic.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # The object API (no pyplot): no global state, so the overlay can be drawn in a worker thread.
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
 
     hu = np.asarray(hu, dtype=np.float32)
     fracture_probability = np.asarray(fracture_probability, dtype=np.float32)
@@ -121,9 +121,10 @@ def render_overlay(
     # Size the figure to the data: images at most 14 x 9 inches, at least 3.5 inches tall.
     image_width = min(14.0, 9.0 * sum(widths_mm) / max(height_mm, 1.0))
     image_height = max(3.5, image_width * height_mm / max(sum(widths_mm), 1.0))
-    figure, axes = plt.subplots(1, 2, figsize=(image_width + 2.5, image_height + 1.3), facecolor="black",
-                                gridspec_kw={"width_ratios": widths_mm})
-    colour_map = plt.get_cmap("autumn_r").with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+    figure = Figure(figsize=(image_width + 2.5, image_height + 1.3), facecolor="black")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": widths_mm})
+    colour_map = colormaps["autumn_r"].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
     norm = Normalize(0.0, 1.0)
     panels = [
         (axes[0], sagittal_ct, sagittal_p, 1, "sagittal, curved along the spine", ("A", "P")),
@@ -172,4 +173,3 @@ def render_overlay(
         bar.ax.yaxis.set_tick_params(color="white", labelcolor="white")
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=100, facecolor="black")
-    plt.close(figure)
