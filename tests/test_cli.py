@@ -48,11 +48,12 @@ def tiny_case(tmp_path_factory):  # type: ignore[no-untyped-def]
     return run, scan
 
 
-def _predict(run: Path, scan: Path, out: Path, *global_options: str) -> subprocess.CompletedProcess:
+def _predict(run: Path, scan: Path, out: Path, *global_options: str,
+             options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES", "GRPC_VERBOSITY")}
     command = [sys.executable, "-m", "vfdetect.cli", *global_options, "predict", str(scan), "--model", str(run),
-               "--out", str(out), "--quiet", "--no-overlay"]
+               "--out", str(out), "--quiet", "--no-overlay", *options]
     return subprocess.run(command, capture_output=True, text=True, env=environment, check=False, timeout=600)
 
 
@@ -63,6 +64,21 @@ def test_predict_prints_no_tensorflow_chatter(tiny_case, tmp_path) -> None:  # t
     assert result.returncode == 0, result.stderr
     assert result.stderr == "" and result.stdout == ""
     assert (tmp_path / "out" / "scan" / "report.json").is_file()
+
+
+@pytest.mark.slow
+def test_messages_written_while_tensorflow_loads_in_the_background_are_shown(tiny_case, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # `predict` imports TensorFlow in a thread while it checks its inputs; its own warnings still show.
+    run, scan = tiny_case
+    result = _predict(run, scan, tmp_path / "out", options=("--noise-threshold-mm3", "100"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "vfdetect: warning: --noise-threshold-mm3 is ignored; the patient decision is the patient score against "
+        "--patient-threshold"]
+    missing = _predict(run, tmp_path / "missing.nii.gz", tmp_path / "out2")
+    assert missing.returncode == 1
+    assert missing.stderr.strip().endswith("missing.nii.gz: file or folder not found"), missing.stderr
+    assert not any(word in missing.stderr for word in CHATTER)
 
 
 @pytest.mark.slow

@@ -424,6 +424,26 @@ def test_to_source_in_box_equals_the_full_resampling(oblique: bool) -> None:
     np.testing.assert_array_equal(assembled, to_source(labels, internal_affine, grid, order=0))
 
 
+def test_a_checked_scan_is_kept_for_one_load_of_the_unchanged_file(tmp_path: Path) -> None:
+    from vfdetect.volume import check_ct_scan, load_scan
+
+    array = np.full((12, 10, 8), 40, dtype=np.int16)
+    array[0] = -1000
+    array[5] = 700
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    check_ct_scan(path, keep=True)
+    first, _ = load_scan(path)
+    second, _ = load_scan(path)
+    assert first.array is not second.array  # kept once, then read again
+    np.testing.assert_array_equal(first.array, second.array)
+    check_ct_scan(path, keep=True)
+    array[1] = 300  # the file changes after the check: it is read again
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    changed, _ = load_scan(path)
+    assert changed.array[1].max() == 300
+
+
 def test_voxel_world_round_trip() -> None:
     affine = np.eye(4)
     affine[:3, :3] = rotation([1, 1, 0], 30) @ np.diag([0.5, 0.9, 3.0])

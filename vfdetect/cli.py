@@ -31,6 +31,7 @@ import click
 
 from vfdetect import __version__
 from vfdetect.errors import VfdetectError
+from vfdetect.startup import finish_tensorflow_import, import_tensorflow_quietly
 
 # name -> (module under vfdetect.commands, one-line help shown by `vfdetect --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -67,10 +68,18 @@ class LazyGroup(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[no-untyped-def,override]
         """Run the command line; in standalone mode every error becomes one line (see the module docstring)."""
+        words = sys.argv[1:] if args is None else list(args)
+        self.asks_help = any(word in ("-h", "--help") for word in words)
         if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            try:
+                return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            finally:
+                finish_tensorflow_import(raise_error=False)
         try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            try:
+                result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            finally:
+                finish_tensorflow_import(raise_error=False)
         except click.exceptions.Exit as done:  # pragma: no cover - click returns it in non-standalone mode
             sys.exit(done.exit_code)
         except click.exceptions.Abort:
@@ -141,32 +150,8 @@ def runtime_environment(
 
 
 TENSORFLOW_COMMANDS: frozenset[str] = frozenset({"train", "predict", "cv"})
-"""Subcommands that run the network: TensorFlow is imported (quietly) before they start."""
-
-
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow with file descriptor 2 sent to /dev/null, then silence its Python loggers.
-
-    TensorFlow 2.21 writes its C++ start-up notices (oneDNN, CUDA probing) before its log level
-    applies, so ``TF_CPP_MIN_LOG_LEVEL`` alone does not hide them. An import error still reaches the
-    user: it is raised after stderr is restored.
-    """
-    import logging
-
-    if "tensorflow" not in sys.modules:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        try:
-            with open(os.devnull, "w") as devnull:
-                os.dup2(devnull.fileno(), 2)
-                try:
-                    import tensorflow  # noqa: F401
-                finally:
-                    os.dup2(saved, 2)
-        finally:
-            os.close(saved)
-    for name in ("tensorflow", "absl", "h5py"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+"""Subcommands that run the network: TensorFlow is imported (quietly) before they start; for
+``predict`` in a thread beside the checking of its scans (:mod:`vfdetect.startup`)."""
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -179,8 +164,9 @@ def import_tensorflow_quietly() -> None:
 def cli(ctx: click.Context, verbose: bool, device: str) -> None:
     """Find osteoporotic vertebral compression fractures in CT scans."""
     os.environ.update(runtime_environment(verbose, device))
-    if not verbose and ctx.invoked_subcommand in TENSORFLOW_COMMANDS:
-        import_tensorflow_quietly()
+    asks_help = bool(getattr(ctx.command, "asks_help", False))  # nothing to compute: no TensorFlow
+    if not verbose and ctx.invoked_subcommand in TENSORFLOW_COMMANDS and not asks_help:
+        import_tensorflow_quietly(background=ctx.invoked_subcommand == "predict")
 
 
 def main() -> None:

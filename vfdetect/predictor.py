@@ -224,8 +224,11 @@ def load_predictor(
     ``.keras`` file whose configuration is the sibling ``<stem>.json`` or the ``config.json`` of its
     folder (see :func:`resolve_model`).
     """
+    from vfdetect.startup import finish_tensorflow_import
+
     weights, config_path, name = resolve_model(model, model_file)
     config = _read_config(config_path, "model configuration")
+    finish_tensorflow_import()  # when the command line started it in the background
     configure_threads(threads)
     from vfdetect.model import load_model
 

@@ -101,9 +101,22 @@ def load_scan(path: str | Path | nib.Nifti1Image) -> tuple[Volume, SourceGrid]:
         raise InputError(path, _missing_problem(path, "file or folder not found"))
     if path.is_dir():
         return load_dicom_series(path)
+    kept = _KEPT_SCAN.pop(_file_key(path), None)
+    if kept is not None:
+        return kept
     image = _open_nifti(path)
     array = _read_array(image, str(path), dtype=np.float32)
     return _finish_scan(array, image, str(path))
+
+
+_KEPT_SCAN: dict[tuple[str, int, int], tuple[Volume, SourceGrid]] = {}
+"""At most one scan loaded by :func:`check_ct_scan` with ``keep``, handed to the next :func:`load_scan`
+of the same unchanged file (and then forgotten), so that a checked scan is not read twice."""
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    status = path.stat()
+    return str(path.resolve()), status.st_mtime_ns, status.st_size
 
 
 def load_label_image(path: str | Path | nib.Nifti1Image) -> tuple[Volume, SourceGrid]:
@@ -342,14 +355,20 @@ def check_ct_intensities(array: np.ndarray, source: str) -> None:
         )
 
 
-def check_ct_scan(path: str | Path) -> tuple[int, int, int]:
+def check_ct_scan(path: str | Path, keep: bool = False) -> tuple[int, int, int]:
     """Load the scan at ``path`` (see :func:`load_scan`) and check that it is a CT in HU; its shape.
 
     Used by the command line before any work starts, so that a bad scan stops the run before
-    anything is written (:func:`check_ct_intensities`).
+    anything is written (:func:`check_ct_intensities`). With ``keep`` (a NIfTI file), the loaded scan
+    replaces any kept before and the next :func:`load_scan` of the unchanged file returns it
+    instead of reading the file again.
     """
     volume, grid = load_scan(path)
     check_ct_intensities(volume.array, grid.source)
+    path = Path(path).expanduser()
+    if keep and path.is_file():
+        _KEPT_SCAN.clear()
+        _KEPT_SCAN[_file_key(path)] = (volume, grid)
     return volume.shape
 
 

@@ -167,10 +167,13 @@ def command(
     _check_before_work(inputs, cases, manifest, centroids, model, out_dir)
     # A scan that cannot be read or is not a CT in HU is reported and skipped before the network runs.
     failures: list[CaseFailure] = []
+    # The first scan stays loaded for its prediction (it is read once).
     if cases is not None:
-        cases = [case for case in cases if _scan_is_usable(case.image, case.case, failures)]
+        cases = [case for index, case in enumerate(cases)
+                 if _scan_is_usable(case.image, case.case, failures, keep=index == 0)]
     else:
-        inputs = tuple(path for path in inputs if _scan_is_usable(path, input_case_name(path), failures))
+        inputs = tuple(path for index, path in enumerate(inputs)
+                       if _scan_is_usable(path, input_case_name(path), failures, keep=index == 0))
     if failures and not (cases or inputs):
         for failure in failures:
             click.echo(f"vfdetect: error: case {failure.case}: {failure.error}", err=True)
@@ -258,14 +261,15 @@ def _check_before_work(inputs: tuple[Path, ...], cases: list[Any] | None, manife
     check_writable_folder(out_dir)
 
 
-def _scan_is_usable(image: Path, case: str, failures: list[Any]) -> bool:
-    """Whether ``image`` loads as a CT in HU; if not, the reason is added to ``failures``."""
+def _scan_is_usable(image: Path, case: str, failures: list[Any], keep: bool = False) -> bool:
+    """Whether ``image`` loads as a CT in HU; if not, the reason is added to ``failures``. With
+    ``keep``, the loaded scan is kept for the next load of that file (:func:`vfdetect.volume.check_ct_scan`)."""
     from vfdetect.errors import VfdetectError
     from vfdetect.predict import CaseFailure
     from vfdetect.volume import check_ct_scan
 
     try:
-        check_ct_scan(image)
+        check_ct_scan(image, keep=keep)
     except VfdetectError as error:
         failures.append(CaseFailure(case, str(error)))
         return False
