@@ -52,8 +52,8 @@ def main() -> None:
     from vfdetect.geometry import geometry_for
     from vfdetect.model import DeepMedicConfig
     from vfdetect.phantom import PhantomConfig, generate_phantom
-    from vfdetect.preprocess import prepare_scan
     from vfdetect.predict import PredictConfig, inference_region
+    from vfdetect.preprocess import prepare_scan
     from vfdetect.tiling import plan_tiles
 
     config = DeepMedicConfig.from_dict({"variant": "3d"})
