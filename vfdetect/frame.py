@@ -408,7 +408,8 @@ def _resample_channels(
 
 
 def to_source_in_box(
-    array: np.ndarray, internal_affine: np.ndarray, grid: SourceGrid, start: Sequence[int], order: int = 1
+    array: np.ndarray, internal_affine: np.ndarray, grid: SourceGrid, start: Sequence[int] | np.ndarray,
+    order: int = 1,
 ) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
     """:func:`to_source` of a map that is constant outside a box, computed only where the box is seen.
 
@@ -425,9 +426,9 @@ def to_source_in_box(
     if array.ndim not in (3, 4):
         raise VfdetectError(f"to_source_in_box needs a 3D or 4D (channels last) array, got shape {array.shape}")
     ornt, view_affine, view_shape = _source_view(grid)
-    start = np.asarray(start, dtype=np.float64)
+    offset = np.asarray(start, dtype=np.float64)
     box_affine = np.asarray(internal_affine, dtype=np.float64).copy()
-    box_affine[:3, 3] += box_affine[:3, :3] @ start
+    box_affine[:3, 3] += box_affine[:3, :3] @ offset
     view_to_box = np.linalg.inv(box_affine) @ view_affine
     # View voxels whose box coordinate lies within one voxel of the box read it; others read only the
     # constant outside. Their bounding block, from the box's corners (an affine map keeps the hull).
