@@ -426,10 +426,7 @@ def to_source_in_box(
     if array.ndim not in (3, 4):
         raise VfdetectError(f"to_source_in_box needs a 3D or 4D (channels last) array, got shape {array.shape}")
     ornt, view_affine, view_shape = _source_view(grid)
-    offset = np.asarray(start, dtype=np.float64)
-    box_affine = np.asarray(internal_affine, dtype=np.float64).copy()
-    box_affine[:3, 3] += box_affine[:3, :3] @ offset
-    view_to_box = np.linalg.inv(box_affine) @ view_affine
+    view_to_box = np.linalg.inv(block_affine(internal_affine, start)) @ view_affine
     # View voxels whose box coordinate lies within one voxel of the box read it; others read only the
     # constant outside. Their bounding block, from the box's corners (an affine map keeps the hull).
     box_to_view = np.linalg.inv(view_to_box)

@@ -101,7 +101,7 @@ def load_scan(path: str | Path | nib.Nifti1Image) -> tuple[Volume, SourceGrid]:
         raise InputError(path, _missing_problem(path, "file or folder not found"))
     if path.is_dir():
         return load_dicom_series(path)
-    kept = _KEPT_SCAN.pop(_file_key(path), None)
+    kept = _KEPT_SCAN.pop(_file_key(path), None) if _KEPT_SCAN else None
     if kept is not None:
         return kept
     image = _open_nifti(path)
