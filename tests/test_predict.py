@@ -408,6 +408,33 @@ def test_region_inference_equals_whole_volume_inference(tiny_model) -> None:  # 
         assert spine.report["region"]["source"] == ("centroids" if centroids else "bone")
 
 
+def test_region_grows_until_the_vertebrae_it_finds_are_enclosed() -> None:
+    """A seed region far too tight for the vertebral bodies (bone within 10 mm of the column's track,
+    no margin) grows where the map shows a vertebra at its edge, until scores and decisions equal
+    whole-volume inference; without growth they do not."""
+    from vfdetect.region import SpineRegionConfig
+
+    case = _phantom(5, ribs=False, pelvis=False)
+    predictor = Predictor(model=None, config={"variant": "3d", "spacing": 1.0}, fn=bone_stand_in)
+    whole = predict_case(predictor, case.image, None, config=PredictConfig(region="whole", write_overlay=False,
+                                                                           map_dtype="float32"))
+    results = {}
+    for rounds in (0, 4):
+        tight = SpineRegionConfig(reach_mm=10.0, margin_mm=0.0, grow_rounds=rounds)
+        results[rounds] = predict_case(predictor, case.image, None, config=PredictConfig(
+            write_overlay=False, map_dtype="float32", spine_region=tight))
+    grown, seed_only = results[4], results[0]
+    assert grown.report["region"]["growth_rounds"] >= 1
+    assert grown.report["region"]["region_fraction"] > seed_only.report["region"]["region_fraction"]
+    assert [v["name"] for v in grown.vertebrae] == [v["name"] for v in whole.vertebrae]
+    np.testing.assert_allclose(_scores(grown), _scores(whole), atol=1e-6)
+    assert grown.patient_fracture == whole.patient_fracture
+    assert seed_only.report["region"]["growth_rounds"] == 0
+    differs = [v["name"] for v in seed_only.vertebrae] != [v["name"] for v in whole.vertebrae] or not np.allclose(
+        _scores(seed_only), _scores(whole), atol=1e-3)
+    assert differs  # the tight seed alone loses part of the bodies
+
+
 def test_vertebra_at_the_edge_of_the_field_of_view_is_scored() -> None:
     from vfdetect.volume import world_to_voxel
 

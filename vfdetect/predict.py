@@ -24,6 +24,7 @@ Modules around it: :mod:`vfdetect.tiling` (tile shapes, plans and windows), :mod
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -54,7 +55,9 @@ from vfdetect.region import (
     InferenceRegion,
     SpineRegionConfig,
     centroid_region,
+    chain_extension,
     inference_region,
+    region_growth,
     spine_region,
 )
 from vfdetect.tiling import (
@@ -87,6 +90,8 @@ def predict_volume(
     quiet: bool = True,
     dtype: Any = np.float32,
     stats: dict[str, Any] | None = None,
+    out: np.ndarray | None = None,
+    computed: np.ndarray | None = None,
 ) -> np.ndarray:
     """Probabilities ``(X, Y, Z, C)`` (``dtype``, C = 3: background, normal, fracture) for a whole volume.
 
@@ -101,7 +106,10 @@ def predict_volume(
     change); every voxel no tile computed gets p(background) = 1; an empty mask computes nothing. A
     ``stats`` dict receives ``tiles``, ``tile_output_shape`` (the largest), ``computed_voxels``
     (output voxels inside the volume that a tile computed) and ``executed_hr_voxels``. ``dtype=np.float16`` halves the output's memory (probabilities to about
-    1e-3). See the module docstring for why the result does not depend on tiling.
+    1e-3). ``out`` (shape ``(*image.shape, C)``) receives the computed tiles in place of a new
+    array (other voxels are left as they are), and a bool ``computed`` array (``image.shape``) is
+    set True wherever a tile computed, for a later pass over more of the volume. See the module
+    docstring for why the result does not depend on tiling.
     """
     image = np.asarray(image)
     if image.ndim != 3 or min(image.shape) < 1:
@@ -126,8 +134,13 @@ def predict_volume(
         stats["computed_voxels"] = int(sum(tile.voxels_inside(image.shape) for tile in tiles))
         stats["executed_hr_voxels"] = int(sum(np.prod(geometry.input_shape(tile.output_shape)) for tile in tiles))
 
-    probabilities = np.zeros((*image.shape, N_CLASSES), dtype=dtype)
-    probabilities[..., 0] = 1.0
+    if out is None:
+        probabilities = np.zeros((*image.shape, N_CLASSES), dtype=dtype)
+        probabilities[..., 0] = 1.0
+    else:
+        probabilities = out
+        if probabilities.shape != (*image.shape, N_CLASSES):
+            raise VfdetectError(f"out has shape {probabilities.shape}, expected {(*image.shape, N_CLASSES)}")
     if not tiles:
         return probabilities
     from tqdm import tqdm
@@ -157,6 +170,8 @@ def predict_volume(
                 stop = [min(s + o, n) for s, o, n in zip(start, tile.output_shape, image.shape, strict=True)]
                 block = output[index, : stop[0] - start[0], : stop[1] - start[1], : stop[2] - start[2]]
                 probabilities[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]] = block
+                if computed is not None:
+                    computed[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]] = True
             bar.update(len(batch))
     return probabilities
 
@@ -296,6 +311,59 @@ def _resolve_vertebrae(
     return vertebrae
 
 
+def _predict_region(
+    normalised: np.ndarray,
+    predictor: Predictor,
+    region: InferenceRegion,
+    body: np.ndarray | None,
+    affine: np.ndarray,
+    config: PredictConfig,
+    budget: int,
+    quiet: bool,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The probability map of ``region`` (:func:`predict_volume`) on the grid of ``affine``; when
+    ``region.grows``, grown where the network finds a vertebra at the region's edge
+    (:func:`vfdetect.region.region_growth`) and beyond the ends of the chain of bodies found
+    (:func:`vfdetect.region.chain_extension`), within ``body``; outside the final region every
+    voxel is background when ``region.restrict``. ``region.mask`` is updated in place to the final
+    region."""
+    from vfdetect.localise import find_vertebral_bodies, order_along_spine
+    from vfdetect.volume import Volume
+
+    spacing = float(np.sqrt(np.sum(np.asarray(affine)[:3, 0] ** 2)))
+    stats: dict[str, Any] = {}
+    computed = np.zeros(normalised.shape, dtype=bool) if region.grows else None
+    run = functools.partial(
+        predict_volume, normalised, predictor.fn, predictor.geometry,  # type: ignore[arg-type]
+        tile_shape=config.tile_shape, batch_size=config.batch_size, memory_budget_bytes=budget, quiet=quiet,
+        dtype=config.map_dtype,
+    )
+    probabilities = run(mask=region.mask, stats=stats, computed=computed)
+    stats["growth_rounds"] = 0
+    if region.grows and region.mask is not None and computed is not None:
+        extended = False
+        for _ in range(config.spine_region.grow_rounds):
+            add = region_growth(region.mask, probabilities[..., 0], spacing, body, config.spine_region)
+            if add is None and not extended:  # once: one body beyond each end of the chain found
+                extended = True
+                bodies = order_along_spine(find_vertebral_bodies(Volume(1.0 - probabilities[..., 0], affine)))
+                add = chain_extension(bodies, region.mask, affine, body, config.spine_region)
+            if add is None:
+                break
+            region.mask[add] = True
+            stats["growth_rounds"] += 1
+            more: dict[str, Any] = {}
+            run(mask=add & ~computed, stats=more, out=probabilities, computed=computed)
+            stats["tiles"] += more["tiles"]
+            stats["executed_hr_voxels"] += more["executed_hr_voxels"]
+        stats["computed_voxels"] = int(np.count_nonzero(computed))
+    if region.restrict and region.mask is not None:
+        outside = ~region.mask
+        for channel, value in enumerate((1.0, 0.0, 0.0)):
+            probabilities[..., channel][outside] = value
+    return probabilities, stats
+
+
 def predict_case(
     predictor: Predictor,
     image: str | Path | Any,
@@ -351,25 +419,23 @@ def predict_case(
     overlay_hu = None
     if config.write_overlay and out_dir is not None:
         overlay_hu = np.clip(hu, -1024, 3071).astype(np.int16)
-    del hu, mask
-    held = (0 if region.mask is None else region.mask.nbytes) + (0 if overlay_hu is None else overlay_hu.nbytes)
+    del hu
+    body = mask if region.grows and mask.any() else None
+    del mask
+    held = sum(0 if array is None else array.nbytes for array in (region.mask, overlay_hu, body))
+    if region.grows:
+        held += normalised.size  # the bool array of computed voxels
 
     tick = time.perf_counter()
-    stats: dict[str, Any] = {}
-    probabilities = predict_volume(
-        normalised, predictor.fn, predictor.geometry,  # type: ignore[arg-type]
-        tile_shape=config.tile_shape, batch_size=config.batch_size, mask=region.mask,
-        memory_budget_bytes=config.memory_budget_bytes - held, quiet=quiet, dtype=config.map_dtype, stats=stats,
+    probabilities, stats = _predict_region(
+        normalised, predictor, region, body, affine, config, config.memory_budget_bytes - held, quiet
     )
-    if region.restrict and region.mask is not None:
-        outside = ~region.mask
-        for channel, value in enumerate((1.0, 0.0, 0.0)):
-            probabilities[..., channel][outside] = value
-        del outside
-    del normalised
+    del normalised, body
     timings["inference_s"] = time.perf_counter() - tick
     region_info = region.describe(stats["computed_voxels"], int(np.prod(probabilities.shape[:3])))
     region_info["tiles"] = stats["tiles"]
+    if region.mode == "spine":
+        region_info["growth_rounds"] = stats["growth_rounds"]
     del region
 
     tick = time.perf_counter()
