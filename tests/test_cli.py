@@ -82,6 +82,21 @@ def test_messages_written_while_tensorflow_loads_in_the_background_are_shown(tin
 
 
 @pytest.mark.slow
+def test_a_model_that_fails_to_load_in_the_background_stops_the_command(tiny_case, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # The network loads in a thread while the first scan is read; a broken model file still fails the
+    # command (not each case), names the file, and leaves no output folder.
+    run, scan = tiny_case
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((run / "config.json").read_text())
+    (broken / "model.keras").write_bytes(b"not a model")
+    result = _predict(broken, scan, tmp_path / "out")
+    assert result.returncode == 1
+    assert "model.keras: not a valid .keras model file (not a zip archive)" in result.stderr, result.stderr
+    assert "case scan" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_verbose_lets_tensorflow_speak(tiny_case, tmp_path) -> None:  # type: ignore[no-untyped-def]
     run, scan = tiny_case
     result = _predict(run, scan, tmp_path / "out", "--verbose")

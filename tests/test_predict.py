@@ -435,6 +435,25 @@ def test_region_grows_until_the_vertebrae_it_finds_are_enclosed() -> None:
     assert differs  # the tight seed alone loses part of the bodies
 
 
+def test_a_model_loading_in_the_background_predicts_the_same(tiny_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from vfdetect.predictor import PendingPredictor, load_predictor, load_predictor_in_background
+
+    run = tmp_path / "run"
+    run.mkdir()
+    tiny_model.save(run / "model.keras")
+    (run / "config.json").write_text(json.dumps({"variant": "3d", "spacing": 1.5}))
+    case = _phantom(6, ribs=False, pelvis=False)
+    config = PredictConfig(write_overlay=False, map_dtype="float32")
+    pending = load_predictor_in_background(run, precision="float32")
+    assert isinstance(pending, PendingPredictor) and pending.spacing == 1.5  # known before the network loads
+    in_background = predict_case(pending, case.image, case.vertebrae, config=config)
+    loaded = predict_case(load_predictor(run, precision="float32"), case.image, case.vertebrae, config=config)
+    np.testing.assert_array_equal(_scores(in_background), _scores(loaded))
+    assert in_background.report["model"] == loaded.report["model"]
+    with pytest.raises(VfdetectError, match="model file not found"):
+        load_predictor_in_background(tmp_path / "missing.keras")
+
+
 def test_vertebra_at_the_edge_of_the_field_of_view_is_scored() -> None:
     from vfdetect.volume import world_to_voxel
 

@@ -41,12 +41,16 @@ from vfdetect.layout import PredictionFolder
 from vfdetect.predictor import (
     BF16_CPU_FLAGS,
     PRECISIONS,
+    ModelLoadError,
+    PendingPredictor,
     Predictor,
     Predictor_fn,
     configure_threads,
     cpu_flags,
     keras_predictor,
     load_predictor,
+    load_predictor_in_background,
+    ready,
     resolve_model,
     resolve_precision,
 )
@@ -365,7 +369,7 @@ def _predict_region(
 
 
 def predict_case(
-    predictor: Predictor,
+    predictor: Predictor | PendingPredictor,
     image: str | Path | Any,
     centroids: str | Path | Sequence[Any] | None = None,
     case: str | None = None,
@@ -416,6 +420,7 @@ def predict_case(
         skip_air=config.skip_air, config=config.spine_region,
     )
     timings["region_s"] = time.perf_counter() - tick
+    predictor = ready(predictor)  # a model loading in the background is needed from here on
     overlay_hu = None
     if config.write_overlay and out_dir is not None:
         overlay_hu = np.clip(hu, -1024, 3071).astype(np.int16)
@@ -497,7 +502,7 @@ class CaseFailure:
 
 
 def predict_cases(
-    run_dir: str | Path | Predictor | None,
+    run_dir: str | Path | Predictor | PendingPredictor | None,
     cases: Sequence[Any],
     out_dir: str | Path,
     config: PredictConfig = PredictConfig(),
@@ -518,7 +523,8 @@ def predict_cases(
     from vfdetect.records import write_summary_csv
     from vfdetect.vertebrae import Case
 
-    predictor = run_dir if isinstance(run_dir, Predictor) else load_predictor(run_dir, precision=precision)
+    predictor = run_dir if isinstance(run_dir, (Predictor, PendingPredictor)) else load_predictor(run_dir,
+                                                                                                  precision=precision)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[CaseResult] = []
@@ -536,6 +542,8 @@ def predict_cases(
             else:
                 result = predict_case(predictor, image, None, case=name, out_dir=out_dir, config=config, quiet=quiet)
             results.append(result)
+        except ModelLoadError:
+            raise  # not the scan's fault: every case would fail the same way
         except Exception as error:  # one bad scan must not stop a batch; the caller gets the reason
             if failures is None:
                 raise
@@ -559,6 +567,8 @@ __all__ = [
     "CaseFailure",
     "CaseResult",
     "InferenceRegion",
+    "ModelLoadError",
+    "PendingPredictor",
     "PredictConfig",
     "Predictor",
     "Predictor_fn",
@@ -571,11 +581,13 @@ __all__ = [
     "inference_region",
     "keras_predictor",
     "load_predictor",
+    "load_predictor_in_background",
     "patient_summary",
     "plan_tiles",
     "predict_case",
     "predict_cases",
     "predict_volume",
+    "ready",
     "resolve_model",
     "resolve_precision",
     "spine_region",

@@ -10,6 +10,7 @@ bfloat16 where the CPU computes it natively (:func:`resolve_precision`), else fl
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,10 @@ def keras_predictor(model: Any, precision: str = "auto", fold: bool = True) -> P
     def call(hr: Any, lr: Any) -> Any:
         return network([hr, lr], training=False)
 
-    compiled = tf.function(call, jit_compile=False, reduce_retracing=True)
+    # One graph for every tile shape, traced here (at load time) rather than at the first tile.
+    segment = tf.TensorSpec([None, None, None, None, 1], tf.float32)
+    compiled = tf.function(call, jit_compile=False, input_signature=[segment, segment])
+    compiled.get_concrete_function()
 
     def predictor(hr: np.ndarray, lr: np.ndarray) -> np.ndarray:
         return np.asarray(compiled(tf.constant(hr), tf.constant(lr)), dtype=np.float32)
@@ -236,3 +240,60 @@ def load_predictor(
     run_dir = weights.parent if config_path.name == RunFolder(weights.parent).config.name else None
     return Predictor(model=network, config=config, run_dir=run_dir, precision=precision, model_path=weights,
                      name=name or config.get("name"))
+
+
+@dataclass
+class PendingPredictor:
+    """A model being loaded in a background thread (:func:`load_predictor_in_background`): its
+    configuration (hence the internal grid's ``spacing``) is known at once, so a case can be read,
+    resampled and given its region while TensorFlow and the network load; :meth:`result` waits."""
+
+    config: dict[str, Any]
+    future: Future[Predictor]
+
+    @property
+    def spacing(self) -> float:
+        return float(self.config.get("spacing", 1.0))
+
+    def result(self) -> Predictor:
+        """The loaded predictor; a failure to load is raised as :class:`ModelLoadError`."""
+        try:
+            return self.future.result()
+        except VfdetectError as error:
+            raise ModelLoadError(str(error)) from error
+        except Exception as error:
+            raise ModelLoadError(f"cannot load the model: {type(error).__name__}: {error}") from error
+
+
+class ModelLoadError(VfdetectError):
+    """The model could not be loaded: every case would fail, so batch prediction stops."""
+
+
+def load_predictor_in_background(
+    model: str | Path | None = None,
+    precision: str = "auto",
+    threads: int | None = 2,
+    model_file: str = MODEL_FILE,
+) -> PendingPredictor:
+    """:func:`load_predictor` in a daemon thread. The model's files and configuration are checked
+    here, at once (an :class:`InputError` names a missing or unreadable one); loading the network
+    (and finishing a background TensorFlow import) happens in the thread."""
+    import threading
+
+    weights, config_path, _ = resolve_model(model, model_file)
+    config = _read_config(config_path, "model configuration")
+    future: Future[Predictor] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(load_predictor(model, precision=precision, threads=threads, model_file=model_file))
+        except BaseException as error:  # handed to the caller by PendingPredictor.result
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="vfdetect-load-model", daemon=True).start()
+    return PendingPredictor(config, future)
+
+
+def ready(predictor: Predictor | PendingPredictor) -> Predictor:
+    """``predictor`` itself, or the predictor a :class:`PendingPredictor` is loading (waits)."""
+    return predictor.result() if isinstance(predictor, PendingPredictor) else predictor

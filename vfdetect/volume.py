@@ -209,7 +209,26 @@ def _open_nifti(path: Path) -> nib.spatialimages.SpatialImage:
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(path, f"not a NIfTI image (nibabel read it as {type(image).__name__})")
     check_header(image, str(path), _raw_header(path, image))
+    if name.endswith(".gz"):
+        image = _decompressed(path, image)
     return image
+
+
+def _decompressed(path: Path, image: nib.spatialimages.SpatialImage) -> nib.spatialimages.SpatialImage:
+    """A gzipped NIfTI whose header passed :func:`check_header`, decompressed in one call.
+
+    Nibabel reads a ``.nii.gz`` in thousands of small chunks, each taking Python's lock again; with a
+    thread importing TensorFlow beside it (``vfdetect predict``) that made reading a 39 MB scan take
+    3.5 s instead of 0.45 s in one call (which leaves the lock free while it decompresses).
+    """
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise InputError(path, f"file is truncated or corrupt ({describe_error(error)})") from error
+    try:
+        return type(image).from_bytes(raw)  # type: ignore[attr-defined]
+    except Exception as error:  # nibabel's ImageFileError, HeaderDataError, struct/OSError...
+        raise InputError(path, f"cannot be read as NIfTI ({describe_error(error)})") from error
 
 
 def _raw_header(path: Path, image: nib.spatialimages.SpatialImage) -> Any:

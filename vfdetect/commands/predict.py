@@ -124,8 +124,9 @@ def command(
     from vfdetect.fileio import write_bytes_atomic
     from vfdetect.predict import (
         CaseFailure,
+        ModelLoadError,
         PredictConfig,
-        load_predictor,
+        load_predictor_in_background,
         patient_summary,
         predict_case,
         predict_cases,
@@ -182,19 +183,26 @@ def command(
         if len(failures) > 1:
             click.echo(f"vfdetect: every case failed ({len(failures)}); nothing written", err=True)
         click.get_current_context().exit(1)
-    predictor = load_predictor(model, precision=precision, threads=threads)
+    # The network loads in the background while the first case is read, resampled and given its region.
+    predictor = load_predictor_in_background(model, precision=precision, threads=threads)
     summary = out_dir / "summary.csv"
     previous_summary = summary.read_bytes() if summary.is_file() else None
-    if cases is not None:
-        results = predict_cases(predictor, cases, out_dir, config=config, quiet=quiet, failures=failures)
-    elif centroids is not None:
-        results = [
-            predict_case(predictor, inputs[0], centroids, out_dir=out_dir, config=config, quiet=quiet,
-                         label_scheme=label_scheme)
-        ]
-        write_summary_csv(out_dir / "summary.csv", [result.report for result in results])
-    else:
-        results = predict_cases(predictor, list(inputs), out_dir, config=config, quiet=quiet, failures=failures)
+    try:
+        if cases is not None:
+            results = predict_cases(predictor, cases, out_dir, config=config, quiet=quiet, failures=failures)
+        elif centroids is not None:
+            results = [
+                predict_case(predictor, inputs[0], centroids, out_dir=out_dir, config=config, quiet=quiet,
+                             label_scheme=label_scheme)
+            ]
+            write_summary_csv(out_dir / "summary.csv", [result.report for result in results])
+        else:
+            results = predict_cases(predictor, list(inputs), out_dir, config=config, quiet=quiet, failures=failures)
+    except ModelLoadError:
+        # The first case stops at the model, before writing anything: leave no empty folder behind.
+        if not out_existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     for result in results:
         for warning in result.warnings:
             click.echo(f"vfdetect: warning: case {result.case}: {warning}", err=True)
