@@ -350,7 +350,11 @@ def _predict_region(
             add = region_growth(region.mask, probabilities[..., 0], spacing, body, config.spine_region)
             if add is None and not extended:  # once: one body beyond each end of the chain found
                 extended = True
-                bodies = order_along_spine(find_vertebral_bodies(Volume(1.0 - probabilities[..., 0], affine)))
+                # Where the chain ends is all that matters here: localise on a lattice of about 2 mm.
+                step = max(1, int(round(2.0 / spacing)))
+                sampled = Volume(1.0 - np.asarray(probabilities[::step, ::step, ::step, 0], dtype=np.float32),
+                                 affine @ np.diag([step, step, step, 1.0]))
+                bodies = order_along_spine(find_vertebral_bodies(sampled))
                 add = chain_extension(bodies, region.mask, affine, body, config.spine_region)
             if add is None:
                 break
