@@ -66,7 +66,8 @@ def _is_run_folder(path: Path) -> bool:
               help="Deprecated and ignored: the patient decision is the patient score against --patient-threshold.")
 @click.option("--region", type=click.Choice(["spine", "whole"]), default="spine", show_default=True,
               help="spine: run the network only around the vertebral column (given centroids, else found in "
-              "bone); whole: over the whole volume.")
+              "bone and grown wherever the network finds a vertebra at the region's edge; same scores as whole); "
+              "whole: over the whole volume.")
 @click.option("--cube-edge-mm", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="Edge of the cube averaged around each centroid.")
 @click.option("--sigma-mm", type=click.FloatRange(min=0), default=5.0, show_default=True,
