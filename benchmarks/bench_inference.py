@@ -14,7 +14,10 @@ weights).
 
 Memory (``memory``): peak RSS of predicting a 512 x 512 x 600 volume with the default memory budget
 (4 GiB), stopping after ``--max-batches`` batches: the input and the full output are allocated
-and written before the first tile, so the peak is reached within the first batches.
+and written before the first tile, so the peak is reached within the first batches. Then (unless
+``--skip-end-to-end``) the peak RSS of one ``vfdetect predict`` with default settings, start to
+finish (loading, body mask, spine region, inference, aggregation, every output written), on a
+512 x 512 x 600 scan at 1 mm: the default phantom resampled to 1 mm and centred in air.
 
 Localisation (``localisation``): vertebrae found in p(vertebra) maps of phantoms by
 :func:`vfdetect.aggregate.localise_vertebrae`, scored with the VerSe rule (identified = predicted
@@ -259,10 +262,60 @@ def speed(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
 
+def write_padded_phantom(path: Path, shape: tuple[int, int, int] = MEMORY_SHAPE, seed: int = 0) -> None:
+    """The default phantom resampled to 1 mm (linear) and centred in ``shape`` voxels of air (-1000 HU)."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    from vfdetect.phantom import PhantomConfig, generate_phantom
+
+    case = generate_phantom("memory", np.random.default_rng(seed), PhantomConfig())
+    zooms = np.array(case.image.header.get_zooms()[:3], dtype=np.float64)
+    body = ndimage.zoom(np.asarray(case.image.dataobj, dtype=np.float32), zooms, order=1)
+    volume = np.full(shape, -1000, dtype=np.int16)
+    offset = [(n - m) // 2 for n, m in zip(shape, body.shape, strict=True)]
+    volume[tuple(slice(o, o + m) for o, m in zip(offset, body.shape, strict=True))] = np.rint(body).astype(np.int16)
+    affine = case.image.affine.copy()
+    affine[:3, :3] = affine[:3, :3] / zooms  # 1 mm, the phantom's axis directions
+    affine[:3, 3] -= affine[:3, :3] @ np.array(offset, dtype=np.float64)
+    image = nib.Nifti1Image(volume, affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    nib.save(image, path)
+
+
+def end_to_end_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS of ``vfdetect predict`` (default settings, all outputs written) on a 512 x 512 x 600 scan."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        scan = Path(folder) / "memory_ct.nii.gz"
+        write_padded_phantom(scan)
+        command = [str(Path(sys.executable).with_name("vfdetect")), "predict", str(scan), "--out", str(Path(folder) / "out")]
+        if args.run:
+            command += ["--model", args.run]
+        # A wrapper process reports the peak of its only child.
+        wrapper = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+                   "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)")
+        start = time.perf_counter()
+        output = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - start
+        lines = output.stdout.strip().splitlines()
+        peak_kib, code = (int(n) for n in lines[-1].split()) if lines else (0, -1)
+        if code != 0:
+            return {"error": output.stderr[-2000:], "command": command}
+        report = json.loads(next((Path(folder) / "out").glob("*/report.json")).read_text())
+    return {"shape": list(MEMORY_SHAPE), "command": "vfdetect predict SCAN --out OUT" + (" --model RUN" if args.run else ""),
+            "peak_rss_gib": peak_kib / 1024**2, "seconds": seconds, "timings": report["timings"],
+            "region": report["region"], "precision": report["model"].get("precision")}
+
+
 def memory(args: argparse.Namespace) -> None:
     extra = ["--precision", args.precision, "--batch-size", str(args.batch_size), "--shape", *map(str, MEMORY_SHAPE),
              "--max-batches", str(args.max_batches), "--dtype", args.dtype]
     result = child(args, extra)
+    if not args.skip_end_to_end:
+        result["end_to_end"] = end_to_end_memory(args)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -558,6 +611,8 @@ def main() -> None:
             p.add_argument("--save-probabilities", default=None)
         if name == "memory":
             p.set_defaults(max_batches=6)
+            p.add_argument("--skip-end-to-end", action="store_true",
+                           help="only predict_volume, not also vfdetect predict on a 512 x 512 x 600 phantom scan")
         if name == "compare":
             p.add_argument("--configs", nargs="+", default=list(COMPARE_CONFIGS),
                            help="name:region:precision:tile (tile = HR tile edge, 0: from the memory budget); "

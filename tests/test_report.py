@@ -92,3 +92,22 @@ def test_overlay_png_is_written(tmp_path) -> None:  # type: ignore[no-untyped-de
     red = (image[..., 0] > 0.7) & (image[..., 1] < 0.3) & (image[..., 2] < 0.3)
     assert red.sum() > 100
     assert not list(tmp_path.glob(".overlay*"))  # no temporary file left behind
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_curved_slice_interpolates_linearly_along_the_path_like_map_coordinates(axis: int) -> None:
+    from scipy import ndimage
+
+    from vfdetect.report import _curved_slice
+
+    rng = np.random.default_rng(axis)
+    volume = rng.integers(-1000, 2000, (9, 11, 13)).astype(np.int16)
+    path = rng.uniform(-2.0, volume.shape[axis] + 1.0, volume.shape[2])  # beyond both ends too
+    other = 1 - axis
+    grid_other, grid_z = np.meshgrid(np.arange(volume.shape[other]), np.arange(volume.shape[2]), indexing="ij")
+    coords = [grid_other, grid_other, grid_z]
+    coords[axis] = np.broadcast_to(np.clip(path, 0, volume.shape[axis] - 1)[None, :], grid_other.shape)
+    expected = ndimage.map_coordinates(volume.astype(np.float32), np.stack(coords), order=1, mode="nearest")
+    result = _curved_slice(volume, path, axis)
+    assert result.dtype == np.float32 and result.shape == expected.shape
+    np.testing.assert_allclose(result, expected, atol=1e-3)

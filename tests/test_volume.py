@@ -504,6 +504,23 @@ def test_save_four_channels_and_atomicity(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["channels.nii.gz"]
 
 
+def test_save_writes_large_maps_slab_by_slab_in_column_major_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vfdetect.volume as volume_module
+
+    monkeypatch.setattr(volume_module, "_WRITE_CHUNK_BYTES", 100)  # a few z-slices per slab
+    image = nib.Nifti1Image(np.zeros((6, 7, 9), dtype=np.int16), np.diag([0.9, 0.9, 3.0, 1.0]))
+    _, grid = load_scan(image)
+    rng = np.random.default_rng(1)
+    stored = rng.integers(0, 256, (6, 7, 9, 2)).astype(np.uint8)
+    save_on_grid(stored, grid, tmp_path / "scaled.nii.gz", scale=1 / 255)
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "scaled.nii.gz").dataobj.get_unscaled()), stored)
+    labels = rng.integers(0, 3, (6, 7, 9)).astype(np.uint8)
+    save_on_grid(labels, grid, tmp_path / "labels.nii", dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "labels.nii").dataobj), labels)
+
+
 # ------------------------------------------------------------------------------------------------
 # Body mask and normalisation
 

@@ -48,9 +48,11 @@ def _spine_path(
     if vertebra_probability is not None and float(vertebra_probability.max()) > 0.5:
         from scipy import ndimage
 
-        weights = np.where(vertebra_probability > 0.5, vertebra_probability, 0.0)
-        other = 1 - axis
-        profile = weights.sum(axis=other)  # (shape[axis], z)
+        # Summed a few slices at a time: a full-size float copy of a large map is not needed.
+        profile = np.zeros((int(shape[axis]), depth), dtype=np.float64)  # (shape[axis], z)
+        for first in range(0, depth, 16):
+            block = np.asarray(vertebra_probability[:, :, first : first + 16], dtype=np.float32)
+            profile[:, first : first + block.shape[2]] = np.where(block > 0.5, block, 0.0).sum(axis=1 - axis)
         totals = profile.sum(axis=0)
         coordinates = np.arange(shape[axis])[:, None]
         path = np.where(totals > 0, (profile * coordinates).sum(axis=0) / np.maximum(totals, 1e-9), np.nan)
@@ -64,19 +66,20 @@ def _spine_path(
 def _curved_slice(volume: np.ndarray, path: np.ndarray, axis: int) -> np.ndarray:
     """Slice through ``volume`` [x, y, z] that follows ``path`` (coordinate along ``axis`` per z).
 
-    Returns a 2D array indexed [other axis, z] (linear interpolation along ``axis``).
+    Returns a float32 2D array indexed [other axis, z]: per z, the linear interpolation between the
+    two planes along ``axis`` around the path (clipped to the volume). Only those planes are read.
     """
-    from scipy import ndimage
-
-    shape = volume.shape
-    other = 1 - axis
-    n_other, depth = shape[other], shape[2]
-    other_coords, z_coords = np.meshgrid(np.arange(n_other), np.arange(depth), indexing="ij")
-    along = np.broadcast_to(np.clip(path, 0, shape[axis] - 1)[None, :], other_coords.shape)
-    coords: list[np.ndarray] = [other_coords, other_coords, z_coords]
-    coords[axis] = along
-    coords[other] = other_coords
-    return ndimage.map_coordinates(volume, np.stack(coords), order=1, mode="nearest")
+    size, depth = volume.shape[axis], volume.shape[2]
+    position = np.clip(np.asarray(path, dtype=np.float64), 0, size - 1)
+    below = np.floor(position).astype(np.intp)
+    above = np.minimum(below + 1, size - 1)
+    weight = (position - below).astype(np.float32)[None, :]
+    z = np.arange(depth)
+    if axis == 0:  # [z, y] from the separated advanced indices, then [y, z]
+        low, high = volume[below, :, z].T, volume[above, :, z].T
+    else:
+        low, high = volume[:, below, z], volume[:, above, z]
+    return low.astype(np.float32) * (1.0 - weight) + high.astype(np.float32) * weight
 
 
 def render_overlay(
@@ -103,8 +106,8 @@ def render_overlay(
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    hu = np.asarray(hu, dtype=np.float32)
-    fracture_probability = np.asarray(fracture_probability, dtype=np.float32)
+    hu = np.asarray(hu)  # only the curved slices are converted to float32
+    fracture_probability = np.asarray(fracture_probability)
     centres_voxel = np.asarray(centres_voxel, dtype=np.float64).reshape(-1, 3)
     spacing = [float(s) for s in spacing]
     shape = hu.shape

@@ -431,7 +431,9 @@ def save_on_grid(
             raise VfdetectError(f"scale must be positive, got {scale}")
         if dtype is not None and np.dtype(dtype) != np.uint8:
             raise VfdetectError("scaled storage is uint8 only")
-        if np.issubdtype(array.dtype, np.integer):
+        if array.dtype == np.uint8:
+            stored = array  # already stored values: no copy of a large map
+        elif np.issubdtype(array.dtype, np.integer):
             stored = np.clip(array, 0, 255).astype(np.uint8)
         else:
             stored = np.clip(np.rint(array / scale), 0, 255).astype(np.uint8)
@@ -476,6 +478,10 @@ def _set_units_for_channels(header: nib.Nifti1Header, ndim: int) -> None:
     header.set_zooms(zooms)
 
 
+_WRITE_CHUNK_BYTES = 32 * 2**20
+"""Bytes converted to the file's column-major order at a time by :func:`_write_raw_nifti`."""
+
+
 def _write_raw_nifti(path: Path, header: nib.Nifti1Header, data: np.ndarray) -> None:
     """Write header + data exactly as given (nibabel's image writer would re-derive the scaling)."""
     header = header.copy()
@@ -493,7 +499,14 @@ def _write_raw_nifti(path: Path, header: nib.Nifti1Header, data: np.ndarray) -> 
         written = header.single_vox_offset + header.extensions.get_sizeondisk()
         if offset > written:
             handle.write(b"\x00" * (offset - written))
-        handle.write(np.asarray(data, dtype=header.get_data_dtype()).tobytes(order="F"))
+        data = np.asarray(data, dtype=header.get_data_dtype())
+        # Column-major bytes, one slab of the slowest axes at a time: a full-size copy of a large
+        # map in Fortran order would double its memory.
+        flat = data if data.ndim == 4 else data[..., np.newaxis]  # (x, y, z, channels)
+        slab = max(1, _WRITE_CHUNK_BYTES // max(1, flat[:, :, :1, :1].nbytes))
+        for channel in range(flat.shape[3]):
+            for first in range(0, flat.shape[2], slab):
+                handle.write(flat[:, :, first : first + slab, channel].tobytes(order="F"))
     os.chmod(path, 0o644)
 
 
