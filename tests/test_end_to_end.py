@@ -80,9 +80,8 @@ def test_prediction_lands_on_the_right_source_voxels_of_an_oblique_anisotropic_s
 # ------------------------------------------------------------------------------------------------
 # The chain: phantoms -> synth-labels -> train -> predict -> evaluate
 
-LEARNING_MODEL = {"widths": [8, 8, 12, 12, 12, 12, 16, 16], "fc_widths": [32, 32]}
-# The recipe of tests/test_train.py's learning test, which checks fracture-versus-normal separation
-# on unseen phantoms. At this size (4,800 segments) the network has learnt where the vertebrae are,
+# The run of conftest.learning_run, whose fracture-versus-normal separation on unseen phantoms
+# tests/test_train.py checks. At this size (4,800 segments) the network has learnt where the vertebrae are,
 # not yet reliably which are fractured, so the chain's floor is on the vertebra map, p(normal) +
 # p(fracture): an untrained network gives about 2/3 everywhere; this chain measured 0.55-0.78 inside
 # the labelled vertebrae and 0.01-0.04 in the body away from them (seed 4).
@@ -96,28 +95,14 @@ def invoke(*args: object) -> None:
 
 
 @pytest.mark.slow
-def test_the_product_chain_learns_and_scores_unseen_phantoms(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    phantom_settings = tmp_path / "phantoms.json"
-    phantom_settings.write_text(json.dumps({"grade_probabilities": [0.0, 0.5, 0.5]}))
-    invoke("phantoms", "--out", data, "--cases", 16, "--seed", 4, "--small", "--fracture-prevalence", 0.4,
-           "--config", phantom_settings, "--quiet")
+def test_the_product_chain_learns_and_scores_unseen_phantoms(tmp_path: Path, learning_run: dict[str, Path]) -> None:
+    # phantoms -> synth-labels -> train: the shared command-line run (conftest.learning_run)
+    data, labels = learning_run["data"], learning_run["labels"]
     with open(data / "manifest.csv", newline="") as handle:
         rows = list(csv.reader(handle))
-    for name, part in (("train.csv", rows[1:11]), ("test.csv", rows[11:])):
-        with open(data / name, "w", newline="") as handle:
-            csv.writer(handle).writerows([rows[0], *part])
-
-    invoke("synth-labels", data / "manifest.csv", "--out", tmp_path / "labels", "--no-preview", "--quiet")
-    train_settings = tmp_path / "train.json"
-    train_settings.write_text(json.dumps({"model_options": LEARNING_MODEL, "sampling": {"class_weights": [0.2, 0.4, 0.4]},
-                                          "validation_segments": 500, "balanced_validation_segments": 100}))
-    invoke("train", data / "train.csv", "--labels", tmp_path / "labels", "--out", tmp_path / "run",
-           "--config", train_settings, "--epochs", 8, "--subepochs", 4, "--segments-per-subepoch", 150,
-           "--seed", 4, "--validation-fraction", 0, "--no-randomise", "--quiet")
     # The last epoch's weights, as tests/test_train.py's learning test scores them (model.keras is the
     # epoch chosen on validation segments, here drawn from the training cases).
-    invoke("predict", "--manifest", data / "test.csv", "--model", tmp_path / "run" / "model_last.keras",
+    invoke("predict", "--manifest", data / "test.csv", "--model", learning_run["run"] / "model_last.keras",
            "--out", tmp_path / "pred", "--no-overlay", "--quiet")
     invoke("evaluate", data / "test.csv", tmp_path / "pred", "--out", tmp_path / "evaluation", "--bootstrap", 0,
            "--quiet")
@@ -134,10 +119,10 @@ def test_the_product_chain_learns_and_scores_unseen_phantoms(tmp_path: Path) -> 
     for row in rows[11:]:
         case = row[0]
         vertebra = np.asarray(nib.load(tmp_path / "pred" / case / "probabilities.nii.gz").dataobj[..., 1], float)
-        labels = np.asarray(nib.load(tmp_path / "labels" / f"{case}_labels.nii.gz").dataobj)
+        label_image = np.asarray(nib.load(labels / f"{case}_labels.nii.gz").dataobj)
         hu = np.asarray(nib.load(data / f"{case}_ct.nii.gz").dataobj)
-        annotated = (labels == 1) | (labels == 2)
-        far = ~ndimage.binary_dilation(annotated | (labels == 255), iterations=10) & (hu > -500)
+        annotated = (label_image == 1) | (label_image == 2)
+        far = ~ndimage.binary_dilation(annotated | (label_image == 255), iterations=10) & (hu > -500)
         inside.append(vertebra[annotated].mean())
         outside.append(vertebra[far].mean())
     print("end-to-end p(vertebra) inside / away from the vertebrae:", np.round(inside, 3), np.round(outside, 3))
