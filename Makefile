@@ -38,8 +38,12 @@ RUN ?= $(DEMO)/run
 PRED ?= $(DEMO)/predictions
 EVAL ?= $(DEMO)/evaluation
 CV_CONFIG ?= experiments/cv5.json
+# Training precision: mixed_bfloat16 where the CPU computes bf16 natively (AVX512-BF16/AMX), else
+# float32 (emulated bf16 trains many times slower). Evaluated when a recipe runs, after install.
+TRAIN_PRECISION ?= $(shell $(PY) -c "from vfdetect.predictor import resolve_precision as r; \
+                    print('mixed_bfloat16' if r('auto', gpu=False) == 'bfloat16' else 'float32')")
 TRAIN_ARGS ?= --epochs $(DEMO_EPOCHS) --subepochs $(DEMO_SUBEPOCHS) --segments-per-subepoch $(DEMO_SEGMENTS) \
-              --precision mixed_bfloat16 --validation-segments 1000 --lr-patience 3
+              --precision $(TRAIN_PRECISION) --validation-segments 1000 --lr-patience 3
 
 .PHONY: install test test-all lint demo demo-clean demo-bundled phantoms labels train train-demo predict evaluate \
         figures cv reproduce reproduce-small real-anatomy bundled-model model-selection-real simulate benchmarks clean
