@@ -17,7 +17,7 @@ Memory (``memory``): peak RSS of predicting a 512 x 512 x 600 volume with the de
 and written before the first tile, so the peak is reached within the first batches. Then (unless
 ``--skip-end-to-end``) the peak RSS of one ``vfdetect predict`` with default settings, start to
 finish (loading, body mask, spine region, inference, aggregation, every output written), on a
-512 x 512 x 600 scan at 1 mm: the default phantom resampled to 1 mm and centred in air.
+512 x 512 x 600 scan at 1 mm: the default phantom on the 1 mm internal frame, centred in air.
 
 Localisation (``localisation``): vertebrae found in p(vertebra) maps of phantoms by
 :func:`vfdetect.aggregate.localise_vertebrae`, scored with the VerSe rule (identified = predicted
@@ -263,21 +263,20 @@ def speed(args: argparse.Namespace) -> None:
 
 
 def write_padded_phantom(path: Path, shape: tuple[int, int, int] = MEMORY_SHAPE, seed: int = 0) -> None:
-    """The default phantom resampled to 1 mm (linear) and centred in ``shape`` voxels of air (-1000 HU)."""
+    """The default phantom on the 1 mm internal frame (:func:`vfdetect.volume.to_internal`), centred
+    in ``shape`` voxels of air (-1000 HU)."""
     import nibabel as nib
-    from scipy import ndimage
 
     from vfdetect.phantom import PhantomConfig, generate_phantom
+    from vfdetect.volume import load_scan, to_internal
 
     case = generate_phantom("memory", np.random.default_rng(seed), PhantomConfig())
-    zooms = np.array(case.image.header.get_zooms()[:3], dtype=np.float64)
-    body = ndimage.zoom(np.asarray(case.image.dataobj, dtype=np.float32), zooms, order=1)
+    body = to_internal(load_scan(case.image)[0], 1.0)
     volume = np.full(shape, -1000, dtype=np.int16)
-    offset = [(n - m) // 2 for n, m in zip(shape, body.shape, strict=True)]
-    volume[tuple(slice(o, o + m) for o, m in zip(offset, body.shape, strict=True))] = np.rint(body).astype(np.int16)
-    affine = case.image.affine.copy()
-    affine[:3, :3] = affine[:3, :3] / zooms  # 1 mm, the phantom's axis directions
-    affine[:3, 3] -= affine[:3, :3] @ np.array(offset, dtype=np.float64)
+    offset = np.array([(n - m) // 2 for n, m in zip(shape, body.shape, strict=True)])
+    volume[tuple(slice(o, o + m) for o, m in zip(offset, body.shape, strict=True))] = np.rint(body.array)
+    affine = body.affine.copy()
+    affine[:3, 3] -= affine[:3, :3] @ offset
     image = nib.Nifti1Image(volume, affine)
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)

@@ -29,6 +29,14 @@ def assert_png_has_content(path, min_side: int = 200) -> None:
     assert float(np.std(pixels[..., :3])) > 0.02, f"{path} is (nearly) one flat colour"
 
 
+def invoke(*args: object) -> None:
+    """Run the command line with ``args`` (converted to str) in-process; it must succeed."""
+    from click.testing import CliRunner
+
+    from vfdetect.cli import cli
+
+    result = CliRunner().invoke(cli, [str(arg) for arg in args])
+    assert result.exit_code == 0, (args[0], result.output, result.exception)
 
 
 def bfloat16_error_bound() -> float:
@@ -61,14 +69,6 @@ def learning_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """
     import csv
     import json
-
-    from click.testing import CliRunner
-
-    from vfdetect.cli import cli
-
-    def invoke(*args: object) -> None:
-        result = CliRunner().invoke(cli, [str(arg) for arg in args])
-        assert result.exit_code == 0, (args[0], result.output, result.exception)
 
     root = tmp_path_factory.mktemp("learning")
     data, labels, run = root / "data", root / "labels", root / "run"

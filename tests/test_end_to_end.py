@@ -9,9 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import invoke
 
-from vfdetect.cli import cli
 from vfdetect.geometry import geometry_for
 from vfdetect.predict import PredictConfig, Predictor, predict_case
 from vfdetect.vertebrae import Vertebra
@@ -87,11 +86,6 @@ def test_prediction_lands_on_the_right_source_voxels_of_an_oblique_anisotropic_s
 # the labelled vertebrae and 0.01-0.04 in the body away from them (seed 4).
 INSIDE_MIN = 0.45
 OUTSIDE_MAX = 0.2
-
-
-def invoke(*args: object) -> None:
-    result = CliRunner().invoke(cli, [str(arg) for arg in args])
-    assert result.exit_code == 0, (args[0], result.output, result.exception)
 
 
 @pytest.mark.slow
