@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import vfdetect  # noqa: F401  (before any test module imports TensorFlow: sets its oneDNN default)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("VFDETECT_REAL_DATA", REPO_ROOT.parent / "shared" / "data" / "real"))
 

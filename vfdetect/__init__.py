@@ -13,4 +13,13 @@ Table 1: the 1slice kernel ``1x3x3`` is one voxel wide left-right, i.e. it sees 
 plane.
 """
 
+import os as _os
+
+# TensorFlow turns its oneDNN kernels on by default only on CPUs with AVX-512 VNNI/BF16 or AMX; on
+# other x86 CPUs its own Conv3D kernels run, and their gradients at a quarter of the forward rate.
+# Measured on a 2-core AVX2-only CPU: a 3D training step at batch 10, 1.93 s without oneDNN, 0.60 s
+# with it; whole-volume inference 281 s -> 141 s (benchmarks/README.md). Set before TensorFlow is imported; TF_ENABLE_ONEDNN_OPTS=0
+# in the environment still turns it off.
+_os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
 __version__ = "0.1.0"
