@@ -57,10 +57,10 @@ $(STAMP): setup.py setup.cfg
 	@touch $(STAMP)
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 test-all: install
-	$(PY) -m pytest -m "slow or long or not slow"
+	$(PY) -m pytest -n 2 --dist loadgroup -m "slow or long or not slow"
 
 lint: install
 	$(VENV)/bin/ruff check vfdetect tests benchmarks experiments

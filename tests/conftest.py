@@ -13,6 +13,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("VFDETECT_REAL_DATA", REPO_ROOT.parent / "shared" / "data" / "real"))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``pytest -n N --dist loadgroup`` (``make test``), each test module runs on one worker.
+
+    The modules build costly module-scoped fixtures (trained runs, phantoms) that a split module would
+    build once per worker. A test marked ``xdist_group`` itself keeps its own group: the two tests
+    sharing the session fixture :func:`learning_run` run together. Without xdist the marks do nothing.
+    """
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and item.module is not None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """Folder of real public CT (``../shared/data/real``); tests using it skip when it is absent."""

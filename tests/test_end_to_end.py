@@ -89,6 +89,7 @@ OUTSIDE_MAX = 0.2
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("learning")  # shares conftest.learning_run
 def test_the_product_chain_learns_and_scores_unseen_phantoms(tmp_path: Path, learning_run: dict[str, Path]) -> None:
     # phantoms -> synth-labels -> train: the shared command-line run (conftest.learning_run)
     data, labels = learning_run["data"], learning_run["labels"]

@@ -655,6 +655,7 @@ def _evaluate_unseen(model_path: Path, cases: list[Case], labels_dir: Path) -> d
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("learning")  # shares conftest.learning_run
 def test_the_3d_network_learns_vertebrae_and_fractures_on_unseen_phantoms(learning_run: dict[str, Path]) -> None:
     # 10 training and 6 unseen phantoms with more and clearer fractures than the paper's data (40 %
     # of vertebrae, grade 2-3 only) so that a short run sees enough of them; sampling favours the
