@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,20 @@ from vfdetect.cli import runtime_environment
 from vfdetect.errors import VfdetectError
 
 CHATTER = ("oneDNN", "cuda", "cuInit", "absl", "I0000", "E0000", "W0000", "rebuild TensorFlow")
+
+
+def test_importing_vfdetect_turns_onednn_on_unless_the_environment_says_otherwise() -> None:
+    script = "import os, vfdetect; print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'))"
+    environment = {key: value for key, value in os.environ.items() if key != "TF_ENABLE_ONEDNN_OPTS"}
+
+    def value_after_import(**extra: str) -> str:
+        result = subprocess.run([sys.executable, "-c", script], env={**environment, **extra}, capture_output=True,
+                                text=True, check=True, timeout=120)
+        return result.stdout.strip()
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert value_after_import() == ("1" if x86 else "None")
+    assert value_after_import(TF_ENABLE_ONEDNN_OPTS="0") == "0"
 
 
 def test_quiet_environment_and_device_choice() -> None:

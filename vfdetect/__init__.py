@@ -14,12 +14,15 @@ plane.
 """
 
 import os as _os
+import platform as _platform
 
-# TensorFlow turns its oneDNN kernels on by default only on CPUs with AVX-512 VNNI/BF16 or AMX; on
-# other x86 CPUs its own Conv3D kernels run, and their gradients at a quarter of the forward rate.
+# TensorFlow turns its oneDNN kernels on by default only on x86 CPUs with AVX-512 VNNI/BF16 or AMX;
+# on other x86 CPUs its own Conv3D kernels run, and their gradients at a quarter of the forward rate.
 # Measured on a 2-core AVX2-only CPU: a 3D training step at batch 10, 1.93 s without oneDNN, 0.60 s
-# with it; whole-volume inference 281 s -> 141 s (benchmarks/README.md). Set before TensorFlow is imported; TF_ENABLE_ONEDNN_OPTS=0
-# in the environment still turns it off.
-_os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+# with it; whole-volume inference 281 s -> 141 s (benchmarks/README.md). Set before TensorFlow is
+# imported, on x86-64 only (elsewhere TensorFlow's own choice stands); TF_ENABLE_ONEDNN_OPTS=0 in the
+# environment still turns it off.
+if _platform.machine().lower() in ("x86_64", "amd64"):
+    _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 __version__ = "0.1.0"
