@@ -56,11 +56,14 @@ $(STAMP): setup.py setup.cfg
 	$(PY) -m pip install -e ".[test]"
 	@touch $(STAMP)
 
+# Two pytest-xdist workers, each test module on one (tests/conftest.py groups them).
+PYTEST := $(PY) -m pytest -n 2 --dist loadgroup
+
 test: install
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PYTEST)
 
 test-all: install
-	$(PY) -m pytest -n 2 --dist loadgroup -m "slow or long or not slow"
+	$(PYTEST) -m "slow or long or not slow"
 
 lint: install
 	$(VENV)/bin/ruff check vfdetect tests benchmarks experiments
