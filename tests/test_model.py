@@ -168,6 +168,27 @@ def test_residual_centre_crops_and_pads_channels() -> None:
     np.testing.assert_allclose(narrower, deep[..., :2] + earlier[:, 2:7, :, 2:9, :2], rtol=1e-6)
 
 
+def test_crops_are_plain_slices_that_keep_the_channel_count(models) -> None:
+    """Traced with unknown sizes (as validation and tiling call it), the network still knows its channels,
+    and the training gradient of the crops is a padding, not TensorFlow's slow strided-slice gradient."""
+    tf = pytest.importorskip("tensorflow")
+    model = models["3d"]
+    spec = tf.TensorSpec((None, None, None, None, 1), tf.float32)
+    traced = tf.function(lambda hr, lr: model([hr, lr], training=False)).get_concrete_function(spec, spec)
+    assert traced.structured_outputs.shape[-1] == 3
+
+    @tf.function(input_signature=[spec, spec])
+    def gradients(hr, lr):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model([hr, lr], training=True))
+        return tape.gradient(loss, model.trainable_variables)
+
+    graph = gradients.get_concrete_function().graph.as_graph_def()
+    operations = {node.op for node in graph.node} | {node.op for function in graph.library.function for node in function.node_def}
+    assert "Pad" in operations
+    assert "StridedSliceGrad" not in operations
+
+
 @pytest.mark.parametrize(("variant", "offset", "aligned"), [("3d", (3, 6, 9), True), ("3d", (1, 6, 9), False), ("1slice", (1, 3, 6), True)])
 def test_tile_and_small_segments_agree_when_the_lr_grid_is_aligned(models, variant, offset, aligned) -> None:
     """A large tile and a small segment inside it give the same output where the LR grids coincide:

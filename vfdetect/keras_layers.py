@@ -67,7 +67,11 @@ class UpsampleRepeatCrop(layers.Layer):
             if factor > 1:
                 upsampled = ops.repeat(upsampled, factor, axis=axis + 1)
         size = ops.shape(reference)
-        return upsampled[:, : size[1], : size[2], : size[3], :]
+        # ops.slice, not indexing: under TensorFlow the gradient of a slice is one padding, that of a
+        # strided slice a generic kernel several times slower (a training step pays it every layer).
+        # The channels are given as a number: a -1 there would lose the static channel count.
+        channels = int(low_resolution.shape[-1])
+        return ops.slice(upsampled, [0, 0, 0, 0, 0], [-1, size[1], size[2], size[3], channels])
 
     def compute_output_shape(self, input_shapes: Sequence[tuple[int | None, ...]]) -> tuple[int | None, ...]:
         low_resolution, reference = input_shapes
@@ -91,12 +95,14 @@ class ResidualAdd(layers.Layer):
 
     def call(self, inputs: Sequence[Any]) -> Any:
         deep, earlier = inputs
-        index = (slice(None),) + tuple(slice(before, -after if after else None) for before, after in self.crop)
-        earlier = earlier[index]
         deep_channels, earlier_channels = int(deep.shape[-1]), int(earlier.shape[-1])
-        if earlier_channels > deep_channels:
-            earlier = earlier[..., :deep_channels]
-        elif earlier_channels < deep_channels:
+        if any(before or after for before, after in self.crop) or earlier_channels > deep_channels:
+            shape = ops.shape(earlier)  # a slice (see UpsampleRepeatCrop.call) crops space and channels
+            start = [0, *(before for before, _ in self.crop), 0]
+            size = [-1, *(shape[axis + 1] - before - after for axis, (before, after) in enumerate(self.crop)),
+                    min(deep_channels, earlier_channels)]
+            earlier = ops.slice(earlier, start, size)
+        if earlier_channels < deep_channels:
             earlier = ops.pad(earlier, [[0, 0]] * 4 + [[0, deep_channels - earlier_channels]])
         return deep + ops.cast(earlier, deep.dtype)
 
@@ -123,3 +129,4 @@ class ChannelAffine(layers.Layer):
 
     def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return tuple(input_shape)
+
