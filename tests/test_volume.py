@@ -550,6 +550,36 @@ def test_body_mask_keeps_largest_component_and_fills_holes() -> None:
     assert not body_mask(np.full((5, 5, 5), -1000.0)).any()
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_body_mask_equals_slice_by_slice_hole_filling(seed: int) -> None:
+    """The largest component with every slice's holes filled along each axis, as scipy fills them one
+    slice at a time; bodies small in the field of view, at its edge, or with cavities open to a side."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    hu = np.full((40, 36, 30), -1000.0, dtype=np.float32)
+    body = ndimage.binary_opening(ndimage.gaussian_filter(rng.random(hu.shape), 2.0) > 0.5, iterations=1)
+    body[:, :, :3] = body[:, :, 3:6]  # reaches the bottom of the field of view
+    if seed:  # and lies well inside it across
+        body[:6] = body[30:] = body[:, :4] = body[:, 27:] = False
+    cavities = ndimage.gaussian_filter(rng.random(hu.shape), 1.5) > 0.56
+    hu[body & ~cavities] = 40.0
+    hu[rng.random(hu.shape) > 0.999] = 500.0  # specks
+    above = hu > -500.0
+    labels, count = ndimage.label(above)
+    largest = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:])) if count else above
+    expected = largest.copy()
+    four = ndimage.generate_binary_structure(2, 1)
+    for axis in range(3):
+        for index in range(hu.shape[axis]):
+            plane = np.take(largest, index, axis=axis)
+            filled = np.take(expected, index, axis=axis) | ndimage.binary_fill_holes(plane, structure=four)
+            slicer: list = [slice(None)] * 3
+            slicer[axis] = index
+            expected[tuple(slicer)] = filled
+    assert np.array_equal(body_mask(hu), expected)
+
+
 def test_normalise_uses_body_statistics_only() -> None:
     narrow, wide = synthetic_torso(padding=2), synthetic_torso(padding=30)
     normal_narrow, normal_wide = normalise(narrow), normalise(wide)

@@ -358,17 +358,20 @@ def _predict_region(
                 add = chain_extension(bodies, region.mask, affine, body, config.spine_region)
             if add is None:
                 break
-            region.mask[add] = True
+            np.logical_or(region.mask, add, out=region.mask)
             stats["growth_rounds"] += 1
             more: dict[str, Any] = {}
-            run(mask=add & ~computed, stats=more, out=probabilities, computed=computed)
+            np.greater(add, computed, out=add)  # add & ~computed, in place (a full-size array less)
+            run(mask=add, stats=more, out=probabilities, computed=computed)
+            del add
             stats["tiles"] += more["tiles"]
             stats["executed_hr_voxels"] += more["executed_hr_voxels"]
         stats["computed_voxels"] = int(np.count_nonzero(computed))
     if region.restrict and region.mask is not None:
-        outside = ~region.mask
-        for channel, value in enumerate((1.0, 0.0, 0.0)):
-            probabilities[..., channel][outside] = value
+        for start in range(0, probabilities.shape[0], 16):  # slabs: no full-size temporary
+            outside = ~region.mask[start : start + 16]
+            for channel, value in enumerate((1.0, 0.0, 0.0)):
+                probabilities[start : start + 16, ..., channel][outside] = value
     return probabilities, stats
 
 
