@@ -251,7 +251,7 @@ def region_growth(
     # Back to full size a slab of blocks at a time, so that the result is the only full-size array
     # (on a 512 x 512 x 600 scan each is 157 MB); ``near & ~region`` is ``near > region`` on booleans.
     allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
-    add = np.empty(region.shape, dtype=bool)
+    add = np.zeros(region.shape, dtype=bool)
     for index in range(near.shape[0]):
         start, stop = index * factor, min((index + 1) * factor, region.shape[0])
         if start >= stop:
