@@ -580,6 +580,17 @@ def test_body_mask_equals_slice_by_slice_hole_filling(seed: int) -> None:
     assert np.array_equal(body_mask(hu), expected)
 
 
+def test_row_major_equals_numpy_for_every_layout() -> None:
+    from vfdetect.volume import row_major
+
+    rng = np.random.default_rng(5)
+    stored = np.asfortranarray(rng.integers(-1024, 3000, size=(37, 20, 70), dtype=np.int16))
+    for array in (stored, np.ascontiguousarray(stored), stored[::2, :, 1:], stored[..., None]):
+        result = row_major(array, np.float32, block=8)
+        assert result.flags.c_contiguous and result.dtype == np.float32
+        np.testing.assert_array_equal(result, np.ascontiguousarray(array, dtype=np.float32))
+
+
 def test_normalise_uses_body_statistics_only() -> None:
     narrow, wide = synthetic_torso(padding=2), synthetic_torso(padding=30)
     normal_narrow, normal_wide = normalise(narrow), normalise(wide)
