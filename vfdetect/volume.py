@@ -36,6 +36,7 @@ from vfdetect.frame import (
     check_finite,
     describe_error,
     internal_grid,
+    nonzero_box,
     to_internal,
     to_source,
     voxel_to_world,
@@ -564,11 +565,9 @@ def body_mask(hu: np.ndarray, threshold_hu: float = -500.0) -> np.ndarray:
     # Holes only exist within the body's bounding box: work on it. A background voxel on the box's
     # faces touches the background around the box, which reaches every slice's border, so the holes
     # of the cropped slices (not reaching the crop's border) are exactly those of the full slices.
-    bounds = []
-    for other in ((1, 2), (0, 2), (0, 1)):
-        present = np.flatnonzero(np.any(mask, axis=other))
-        bounds.append(slice(int(present[0]), int(present[-1]) + 1))
-    box = tuple(bounds)
+    extent = nonzero_box(mask)
+    assert extent is not None  # the mask holds the largest component
+    box = tuple(slice(int(low), int(high)) for low, high in zip(*extent, strict=True))
     cropped = mask[box]
     filled = mask.copy()
     for axis in range(mask.ndim):
