@@ -104,7 +104,8 @@ def prepare_scan(image_or_path: str | Path | nib.Nifti1Image, spacing: float = 1
     released as soon as it is resampled. Raises :class:`InputError` naming the input for unreadable
     or invalid scans.
     """
-    from vfdetect.volume import body_mask, load_scan, normalise, to_internal
+    from vfdetect.body import body_mask, normalise
+    from vfdetect.volume import load_scan, to_internal
 
     scan, grid = load_scan(image_or_path)
     internal = to_internal(scan, spacing=spacing, order=1)

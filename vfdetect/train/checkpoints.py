@@ -215,7 +215,7 @@ def run_description(
             "tensor_layout": "(batch, x, y, z, channel)",
             "resampling": "linear for the scan (vfdetect.volume.to_internal, order 1)",
             "normalisation": "z-score over the body mask (HU > -500, largest component, holes filled): "
-                             "vfdetect.volume.normalise",
+                             "vfdetect.body.normalise",
             "padding": "numpy 'reflect' by the network margin per axis (vfdetect.geometry.pad_volume)",
             "lr_fill": "mean of the 8 corner voxels of the normalised internal-frame volume",
         },
