@@ -1,13 +1,9 @@
-"""Whole-scan prediction: tiled inference, then vertebra and patient scores and the case outputs.
+"""Whole-scan prediction: the inference region, then vertebra and patient scores and the case outputs.
 
-:func:`predict_volume` is the sliding-window core. It takes any callable ``predictor(hr, lr)`` that maps
-a batch of HR segments ``(B, X, Y, Z, 1)`` and their LR context windows to probabilities
-``(B, ox, oy, oz, C)`` (fully convolutional: ``o = X - rf + 1``), so it is tested with stand-in
-callables as well as the Keras model.
-
-Tiling (deviation from DeepMedic, on purpose): every tile starts on a multiple of the subsampling
-factor and the last tile of an axis may run past the volume end, so the stitched map does not depend
-on the tile size or the batch size and has no seams; see :mod:`vfdetect.tiling`.
+The sliding window itself, :func:`vfdetect.tiling.predict_volume` (re-exported here), takes any
+callable ``predictor(hr, lr)``; its tiles start on multiples of the subsampling factor, so the
+stitched map does not depend on the tile size or the batch size and has no seams (see
+:mod:`vfdetect.tiling`).
 
 Whole cases: :func:`predict_case` takes a NIfTI path, a DICOM folder or an in-memory nibabel image,
 prepares it exactly as training did (:func:`vfdetect.preprocess.prepare_scan`: internal frame, z-score
@@ -17,9 +13,10 @@ over the body mask, LR fill = corner mean), predicts inside the inference region
 against the patient threshold), and writes the case folder (:class:`vfdetect.layout.CaseFolder`);
 :func:`predict_cases` runs a list of cases, skipping failures, and writes ``summary.csv``.
 
-Modules around it: :mod:`vfdetect.tiling` (tile shapes, plans and windows), :mod:`vfdetect.predictor`
-(model resolution and loading, precision), :mod:`vfdetect.region` (the spine region) and
-:mod:`vfdetect.case_outputs` (the case files); their public names are re-exported here.
+Modules around it: :mod:`vfdetect.tiling` (tile shapes, plans, windows and the sliding window),
+:mod:`vfdetect.predictor` (model resolution and loading, precision), :mod:`vfdetect.region` (the
+spine region) and :mod:`vfdetect.case_outputs` (the case files); their public names are re-exported
+here.
 """
 
 from __future__ import annotations
@@ -36,7 +33,6 @@ import numpy as np
 
 from vfdetect.case_outputs import patient_summary, write_case_files
 from vfdetect.errors import VfdetectError
-from vfdetect.geometry import NetworkGeometry, corner_mean
 from vfdetect.layout import PredictionFolder
 from vfdetect.predictor import (
     BF16_CPU_FLAGS,
@@ -70,116 +66,14 @@ from vfdetect.tiling import (
     DEFAULT_MAX_TILE_OUTPUT,
     DEFAULT_MEMORY_BUDGET_BYTES,
     GIB,
-    N_CLASSES,
     RUNTIME_OVERHEAD_BYTES,
     Tile,
     choose_tile_shape,
     plan_tiles,
-    reflect_index_maps,
-    tile_inputs,
+    predict_volume,
     tile_output_shape,
     tile_starts,
 )
-
-
-def predict_volume(
-    image: np.ndarray,
-    predictor: Predictor_fn,
-    geometry: NetworkGeometry,
-    tile_shape: Sequence[int] | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    mask: np.ndarray | None = None,
-    fill_value: float | None = None,
-    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
-    quiet: bool = True,
-    dtype: Any = np.float32,
-    stats: dict[str, Any] | None = None,
-    out: np.ndarray | None = None,
-    computed: np.ndarray | None = None,
-) -> np.ndarray:
-    """Probabilities ``(X, Y, Z, C)`` (``dtype``, C = 3: background, normal, fracture) for a whole volume.
-
-    ``image`` is the normalised scan in the internal frame ``[x, y, z]``. ``tile_shape`` is the HR
-    input shape of a tile (its output, ``tile - rf + 1``, is rounded down to the subsampling factor
-    and balanced per axis); by default the largest that fits ``memory_budget_bytes`` with
-    ``batch_size`` tiles per call (:func:`choose_tile_shape`). ``fill_value`` (default: the mean of
-    the 8 corner voxels, as in training) is what the LR context reads outside the padded volume.
-    With ``mask`` (bool, same shape), only the mask's bounding box is tiled, tiles whose output block
-    holds no mask voxel are skipped and the others are shrunk to their mask voxels' bounding box
-    (:func:`plan_tiles`; starts stay on multiples of the subsampling factor, so the values do not
-    change); every voxel no tile computed gets p(background) = 1; an empty mask computes nothing. A
-    ``stats`` dict receives ``tiles``, ``tile_output_shape`` (the largest), ``computed_voxels``
-    (output voxels inside the volume that a tile computed) and ``executed_hr_voxels``. ``dtype=np.float16`` halves the output's memory (probabilities to about
-    1e-3). ``out`` (shape ``(*image.shape, C)``) receives the computed tiles in place of a new
-    array (other voxels are left as they are), and a bool ``computed`` array (``image.shape``) is
-    set True wherever a tile computed, for a later pass over more of the volume. See the module
-    docstring for why the result does not depend on tiling.
-    """
-    image = np.asarray(image)
-    if image.ndim != 3 or min(image.shape) < 1:
-        raise VfdetectError(f"predict_volume needs a non-empty 3D volume, got shape {image.shape}")
-    if batch_size < 1:
-        raise VfdetectError("batch_size must be >= 1")
-    if mask is not None:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != image.shape:
-            raise VfdetectError(f"mask shape {mask.shape} differs from the volume shape {image.shape}")
-    if fill_value is None:
-        fill_value = corner_mean(image)
-    dtype = np.dtype(dtype)
-    if tile_shape is None:
-        tile_shape = choose_tile_shape(image.shape, geometry, batch_size, memory_budget_bytes, output_itemsize=dtype.itemsize)
-    limit = geometry.output_shape(tile_shape)
-    tiles = plan_tiles(image.shape, geometry, limit, mask)
-    index_maps = reflect_index_maps(image.shape, geometry)
-    if stats is not None:
-        stats["tiles"] = len(tiles)
-        stats["tile_output_shape"] = [int(n) for n in np.max([t.output_shape for t in tiles], axis=0)] if tiles else []
-        stats["computed_voxels"] = int(sum(tile.voxels_inside(image.shape) for tile in tiles))
-        stats["executed_hr_voxels"] = int(sum(np.prod(geometry.input_shape(tile.output_shape)) for tile in tiles))
-
-    if out is None:
-        probabilities = np.zeros((*image.shape, N_CLASSES), dtype=dtype)
-        probabilities[..., 0] = 1.0
-    else:
-        probabilities = out
-        if probabilities.shape != (*image.shape, N_CLASSES):
-            raise VfdetectError(f"out has shape {probabilities.shape}, expected {(*image.shape, N_CLASSES)}")
-    if not tiles:
-        return probabilities
-    from tqdm import tqdm
-
-    with tqdm(total=len(tiles), desc="tiles", unit="tile", disable=quiet, leave=False) as bar:
-        for first in range(0, len(tiles), batch_size):
-            batch = tiles[first : first + batch_size]
-            # One output shape per batch (the largest of its tiles; a larger block gives the same values),
-            # and a fixed batch size (a compiled predictor then traces once): repeat the last tile.
-            out_shape = tuple(int(n) for n in np.max([tile.output_shape for tile in batch], axis=0))
-            hr_shape = geometry.input_shape(out_shape)
-            padded = batch + [batch[-1]] * (batch_size - len(batch))
-            hr_batch = np.empty((batch_size, *hr_shape, 1), dtype=np.float32)
-            lr_batch = np.empty((batch_size, *geometry.lr_shape_for(hr_shape), 1), dtype=np.float32)
-            for index, tile in enumerate(padded):
-                hr, lr = tile_inputs(image, index_maps, tile.start, hr_shape, geometry, float(fill_value))
-                hr_batch[index, ..., 0] = hr
-                lr_batch[index, ..., 0] = lr
-            output = np.asarray(predictor(hr_batch, lr_batch))
-            expected = (batch_size, *out_shape)
-            if output.shape[:4] != expected or output.ndim != 5:
-                raise VfdetectError(f"predictor returned shape {output.shape}, expected {expected} + (classes,)")
-            if output.shape[4] != N_CLASSES:
-                raise VfdetectError(f"predictor returned {output.shape[4]} classes, expected {N_CLASSES}")
-            for index, tile in enumerate(batch):
-                start = tile.start
-                stop = [min(s + o, n) for s, o, n in zip(start, tile.output_shape, image.shape, strict=True)]
-                block = output[index, : stop[0] - start[0], : stop[1] - start[1], : stop[2] - start[2]]
-                probabilities[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]] = block
-                if computed is not None:
-                    computed[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]] = True
-            bar.update(len(batch))
-    return probabilities
-
-
 
 # ----------------------------------------------------------------------------------------------
 # One case, many cases

@@ -9,7 +9,6 @@ bfloat16 where the CPU computes it natively (:func:`resolve_precision`), else fl
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +19,7 @@ import numpy as np
 from vfdetect.errors import InputError, VfdetectError
 from vfdetect.geometry import NetworkGeometry
 from vfdetect.layout import RunFolder
-
-Predictor_fn = Callable[[np.ndarray, np.ndarray], Any]
-"""``predictor(hr, lr) -> probabilities``: HR segments ``(B, X, Y, Z, 1)`` and their LR context windows
-to ``(B, ox, oy, oz, C)``."""
+from vfdetect.tiling import Predictor_fn
 
 MODEL_FILE = RunFolder(Path()).model.name
 """The trained model's file name in a run folder."""
